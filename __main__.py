@@ -1,0 +1,35 @@
+"""personal-rag: one Docker host, isolated stacks (staging, prod), one component per capability."""
+
+import pulumi
+
+from components.app_stack import AppStack, AppStackArgs
+from components.config import load_stack_config
+from components.gitinfo import read_git_state
+from components.redis_tls import RedisTls, RedisTlsArgs
+from components.registry import Registry, RegistryArgs
+from components.stack_secrets import StackSecrets, StackSecretsArgs
+
+config = load_stack_config()
+
+secrets = StackSecrets("secrets", StackSecretsArgs(config))
+registry = Registry(
+    "registry",
+    RegistryArgs(
+        config.image,
+        git_state=read_git_state(config.image.build_context)
+        if config.image.build_context
+        else None,
+    ),
+)
+redis_tls = RedisTls("redis-tls", RedisTlsArgs(config))
+app = AppStack("app", AppStackArgs(config, registry.image_ref, secrets, redis_tls))
+
+pulumi.export("stack", config.stack)
+pulumi.export("imageRef", registry.image_ref)
+pulumi.export("frontendNetwork", app.frontend_network.name)
+pulumi.export("backendNetwork", app.backend_network.name)
+pulumi.export("caddyHttpUrl", f"http://127.0.0.1:{config.ports.http}")
+pulumi.export("caddyHttpsUrl", f"https://{config.domain}:{config.ports.https}")
+pulumi.export("redisCaCertPem", redis_tls.ca_cert_pem)
+# Store offline: without it the stack's backups cannot be decrypted (README, "Keys").
+pulumi.export("backupPassphrase", secrets.backup_passphrase)

@@ -1,0 +1,1 @@
+"""ComponentResources of the personal-rag Pulumi program, one capability per module."""

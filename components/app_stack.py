@@ -1,0 +1,372 @@
+"""The isolated application stack: networks, volumes, Redis, PostgreSQL, the api, Caddy.
+
+Isolation: each stack has its own networks. ``frontend`` joins Caddy and the api;
+``backend`` is internal (no egress, no published ports) and joins the api, Redis,
+PostgreSQL and the exporters. Containers join only their own stack's networks, and
+pulumi-docker detaches them from Docker's default bridge, so nothing of staging can
+reach prod. Only prod's Caddy publishes on all interfaces; every other published port
+binds 127.0.0.1; databases publish nothing.
+
+Image users (why each container runs as it does, with every capability dropped):
+- PostgreSQL runs as ``postgres`` from the start: the entrypoint then skips its
+  chown/gosu code, which would need CHOWN, DAC_READ_SEARCH, FOWNER, SETGID, SETUID
+  (docker-library/postgres #649, #907). Fresh volumes inherit the image's ownership.
+- Redis runs as ``redis`` from the start for the same reason (no gosu).
+- Caddy runs as the image's root with only NET_BIND_SERVICE (binds 80/443 inside).
+- The api runs as ``apiUser`` (default 1000:1000), the app image's unprivileged user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_docker as docker
+
+from components.config import StackConfig
+from components.containers import (
+    CONFIG_DIR,
+    ConfigFile,
+    NetworkAttachment,
+    PublishedPort,
+    ServiceSpec,
+    bind_mount,
+    hardened_container,
+    volume_mount,
+)
+from components.redis_tls import RedisTls
+from components.service_files import (
+    API_PORT,
+    POSTGRES_DB,
+    POSTGRES_USER,
+    REDIS_PORT,
+    RedisServerPaths,
+    render_caddyfile,
+    render_pgpass,
+    render_postgres_migration,
+    render_redis_acl,
+    render_redis_conf,
+)
+from components.stack_secrets import StackSecrets
+
+REDIS_IMAGE = "redis:7.4.2-alpine"
+POSTGRES_IMAGE = "postgres:15.10-bookworm"
+CADDY_IMAGE = "caddy:2.8.4-alpine"
+POSTGRES_DATA_DIR = "/var/lib/postgresql/data"
+POSTGRES_SOCKET_DIR = "/var/run/postgresql"
+CHROMA_DIR = "/workspace/data/chroma"
+
+# Paths the api reads (documented in the README's app contract).
+API_TLS_DIR = f"{CONFIG_DIR}/tls"
+API_SECRETS_DIR = f"{CONFIG_DIR}/secrets"
+
+
+@dataclass(frozen=True)
+class AppStackArgs:
+    config: StackConfig
+    image_ref: pulumi.Input[str]
+    secrets: StackSecrets
+    redis_tls: RedisTls
+
+
+def _volume(name: str, parent: pulumi.Resource, data: bool) -> docker.Volume:
+    # Data volumes outlive the stack: `pulumi destroy` leaves them (nothing is lost).
+    return docker.Volume(
+        name,
+        name=name,
+        labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value="data")],
+        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=data),
+    )
+
+
+def redis_client_url(cfg: StackConfig, user: str, tls_dir: str) -> str:
+    """rediss:// URL with CA verification and the client certificate; no password in it
+    (clients read REDIS_PASSWORD_FILE). Query names are redis-py's connection kwargs."""
+    host = cfg.resource_name("redis")
+    return (
+        f"rediss://{user}@{host}:{REDIS_PORT}/0?ssl_cert_reqs=required"
+        f"&ssl_ca_certs={tls_dir}/ca.crt&ssl_certfile={tls_dir}/client.crt"
+        f"&ssl_keyfile={tls_dir}/client.key"
+    )
+
+
+class AppStack(pulumi.ComponentResource):
+    frontend_network: docker.Network
+    backend_network: docker.Network
+    volume_names: dict[str, pulumi.Output[str]]
+    containers: dict[str, docker.Container]
+
+    def __init__(
+        self, name: str, args: AppStackArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("personal-rag:index:AppStack", name, None, opts)
+        cfg = args.config
+        n = cfg.resource_name
+        child = pulumi.ResourceOptions(parent=self)
+
+        self.frontend_network = docker.Network(
+            n("frontend"), name=n("frontend"), driver="bridge", internal=False, opts=child
+        )
+        self.backend_network = docker.Network(
+            n("backend"), name=n("backend"), driver="bridge", internal=True, opts=child
+        )
+
+        self.volume_names = {}
+        for role in ("redis", "postgres", "chroma"):
+            adopted = cfg.adopt_volumes.get(role)
+            if adopted:
+                # Today's compose volume, used in place and never managed: Pulumi cannot
+                # delete what it did not create.
+                self.volume_names[role] = pulumi.Output.from_input(adopted)
+            else:
+                self.volume_names[role] = _volume(n(f"{role}-data"), self, data=True).name
+        postgres_socket = _volume(n("postgres-socket"), self, data=False)
+        caddy_data = _volume(n("caddy-data"), self, data=True)
+        caddy_state = _volume(n("caddy-state"), self, data=False)
+
+        secrets = args.secrets
+        tls = args.redis_tls
+
+        # --- Redis: TLS only, ACL users from a file, AOF on.
+        redis_paths = RedisServerPaths()
+        acl = pulumi.Output.all(**{user: pw for user, pw in secrets.redis_passwords.items()}).apply(
+            lambda pws: render_redis_acl(pws)
+        )
+        redis_cli_tls = [
+            "redis-cli",
+            "--tls",
+            "--cacert",
+            redis_paths.ca_file,
+            "--cert",
+            redis_paths.cert_file,
+            "--key",
+            redis_paths.key_file,
+            "-h",
+            "localhost",
+            "-p",
+            str(REDIS_PORT),
+            "ping",
+        ]
+        redis = hardened_container(
+            n("redis"),
+            ServiceSpec(
+                service="redis",
+                image=REDIS_IMAGE,
+                command=["redis-server", f"{CONFIG_DIR}/redis.conf"],
+                user="redis",
+                files_owner="redis:redis",
+                networks=[NetworkAttachment(self.backend_network, aliases=["redis"])],
+                mounts=[volume_mount(self.volume_names["redis"], redis_paths.data_dir)],
+                tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"},
+                memory_mb=512,
+                healthcheck=["CMD", *redis_cli_tls],
+                files=[
+                    ConfigFile("redis.conf", render_redis_conf(redis_paths)),
+                    ConfigFile("users.acl", pulumi.Output.secret(acl), secret=True),
+                    ConfigFile("tls/ca.crt", tls.ca_cert_pem),
+                    ConfigFile("tls/server.crt", tls.server.cert_pem),
+                    ConfigFile("tls/server.key", tls.server.key_pem, secret=True),
+                ],
+            ),
+            parent=self,
+        )
+
+        # --- PostgreSQL: password from a file, scram-sha-256, no published port.
+        postgres = hardened_container(
+            n("postgres"),
+            ServiceSpec(
+                service="postgres",
+                image=POSTGRES_IMAGE,
+                command=["postgres", "-c", "password_encryption=scram-sha-256"],
+                user="postgres",
+                files_owner="postgres:postgres",
+                env={
+                    "POSTGRES_USER": POSTGRES_USER,
+                    "POSTGRES_DB": POSTGRES_DB,
+                    "POSTGRES_PASSWORD_FILE": f"{CONFIG_DIR}/secrets/postgres_password",
+                    "POSTGRES_INITDB_ARGS": "--auth-host=scram-sha-256",
+                    "POSTGRES_HOST_AUTH_METHOD": "scram-sha-256",
+                    "PGDATA": f"{POSTGRES_DATA_DIR}/pgdata",
+                },
+                networks=[NetworkAttachment(self.backend_network, aliases=["postgres"])],
+                mounts=[
+                    volume_mount(self.volume_names["postgres"], POSTGRES_DATA_DIR),
+                    volume_mount(postgres_socket.name, POSTGRES_SOCKET_DIR),
+                ],
+                tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
+                memory_mb=1024,
+                healthcheck=["CMD", "pg_isready", "-U", POSTGRES_USER, "-d", POSTGRES_DB],
+                files=[
+                    ConfigFile("secrets/postgres_password", secrets.postgres_password, secret=True),
+                ],
+            ),
+            parent=self,
+        )
+
+        # --- Migrations on every deploy, also over adopted data: pgcrypto, roles.
+        migration = pulumi.Output.all(
+            secrets.postgres_password, secrets.postgres_monitor_password
+        ).apply(lambda pws: render_postgres_migration(pws[0], pws[1]))
+        hardened_container(
+            n("postgres-migrate"),
+            ServiceSpec(
+                service="postgres-migrate",
+                image=POSTGRES_IMAGE,
+                # Superuser over the shared Unix socket (the image trusts local
+                # connections), so it also works on adopted data with an old password.
+                command=[
+                    "psql",
+                    "-h",
+                    POSTGRES_SOCKET_DIR,
+                    "-U",
+                    POSTGRES_USER,
+                    "-d",
+                    POSTGRES_DB,
+                    "-f",
+                    f"{CONFIG_DIR}/migrate.sql",
+                ],
+                user="postgres",
+                files_owner="postgres:postgres",
+                mounts=[volume_mount(postgres_socket.name, POSTGRES_SOCKET_DIR)],
+                memory_mb=128,
+                healthcheck=["NONE"],
+                files=[ConfigFile("migrate.sql", pulumi.Output.secret(migration), secret=True)],
+                one_shot=True,
+            ),
+            parent=self,
+            depends_on=[postgres],
+        )
+
+        # --- The api: Chroma embedded (data volume), docs read-only, Redis over mTLS.
+        redis_url = redis_client_url(cfg, "app", API_TLS_DIR)
+        pgpass = secrets.postgres_password.apply(
+            lambda pw: render_pgpass(n("postgres"), POSTGRES_USER, pw, POSTGRES_DB)
+        )
+        api_tls = tls.clients["api"]
+        api = hardened_container(
+            n("api"),
+            ServiceSpec(
+                service="api",
+                image=args.image_ref,
+                user=cfg.app.user,
+                files_owner=cfg.app.user,
+                networks=[
+                    NetworkAttachment(self.frontend_network, aliases=["api"]),
+                    NetworkAttachment(self.backend_network, aliases=["api"]),
+                ],
+                mounts=[
+                    volume_mount(self.volume_names["chroma"], CHROMA_DIR),
+                    *self._docs_mounts(cfg),
+                ],
+                tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
+                memory_mb=2048,
+                cpu_shares=1024,
+                healthcheck=[
+                    "CMD",
+                    "python",
+                    "-c",
+                    "import urllib.request; "
+                    f"urllib.request.urlopen('http://127.0.0.1:{API_PORT}/health', timeout=5)",
+                ],
+                health_start_period="60s",
+                env={
+                    "ENVIRONMENT": cfg.stack,
+                    "LOG_LEVEL": cfg.app.log_level,
+                    "SESSION_QUERIES_PER_HOUR": str(cfg.app.session_queries_per_hour),
+                    "CHROMA_PERSIST_DIR": CHROMA_DIR,
+                    "REDIS_URL": redis_url,
+                    "SESSION_REDIS_URL": redis_url,
+                    "REDIS_PASSWORD_FILE": f"{API_SECRETS_DIR}/redis_password",
+                    "REDIS_TLS_CA_FILE": f"{API_TLS_DIR}/ca.crt",
+                    "REDIS_TLS_CERT_FILE": f"{API_TLS_DIR}/client.crt",
+                    "REDIS_TLS_KEY_FILE": f"{API_TLS_DIR}/client.key",
+                    "PGHOST": n("postgres"),
+                    "PGPORT": "5432",
+                    "PGUSER": POSTGRES_USER,
+                    "PGDATABASE": POSTGRES_DB,
+                    "PGPASSFILE": f"{API_SECRETS_DIR}/pgpass",
+                    "PGSSLMODE": "prefer",
+                    "DATABASE_URL": (
+                        f"postgresql://{POSTGRES_USER}@{n('postgres')}:5432/{POSTGRES_DB}"
+                    ),
+                    "DATA_ENCRYPTION_KEY_FILE": f"{API_SECRETS_DIR}/data_encryption_key",
+                },
+                files=[
+                    ConfigFile("tls/ca.crt", tls.ca_cert_pem),
+                    ConfigFile("tls/client.crt", api_tls.cert_pem),
+                    ConfigFile("tls/client.key", api_tls.key_pem, secret=True),
+                    ConfigFile(
+                        "secrets/redis_password", secrets.redis_passwords["app"], secret=True
+                    ),
+                    ConfigFile("secrets/pgpass", pulumi.Output.secret(pgpass), secret=True),
+                    ConfigFile(
+                        "secrets/data_encryption_key", secrets.data_encryption_key, secret=True
+                    ),
+                ],
+            ),
+            parent=self,
+            depends_on=[redis, postgres],
+        )
+
+        # --- Caddy: the only public entry point (prod); 127.0.0.1 elsewhere.
+        bind_ip = "0.0.0.0" if cfg.ports.caddy_public else "127.0.0.1"  # noqa: S104
+        caddy = hardened_container(
+            n("caddy"),
+            ServiceSpec(
+                service="caddy",
+                image=CADDY_IMAGE,
+                command=["caddy", "run", "--config", f"{CONFIG_DIR}/Caddyfile"],
+                capabilities=["NET_BIND_SERVICE"],
+                files_owner="root:root",
+                networks=[NetworkAttachment(self.frontend_network)],
+                ports=[
+                    PublishedPort(80, cfg.ports.http, bind_ip),
+                    PublishedPort(443, cfg.ports.https, bind_ip),
+                ],
+                mounts=[
+                    volume_mount(caddy_data.name, "/data"),
+                    volume_mount(caddy_state.name, "/config"),
+                ],
+                tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"},
+                memory_mb=256,
+                healthcheck=[
+                    "CMD",
+                    "wget",
+                    "-q",
+                    "-O",
+                    "/dev/null",
+                    "http://localhost:2019/config/",
+                ],
+                files=[
+                    ConfigFile(
+                        "Caddyfile",
+                        render_caddyfile(
+                            cfg.domain, f"{n('api')}:{API_PORT}", cfg.caddy_tls, cfg.alert_email
+                        ),
+                    )
+                ],
+            ),
+            parent=self,
+            depends_on=[api],
+        )
+
+        self.containers = {"redis": redis, "postgres": postgres, "api": api, "caddy": caddy}
+        self.register_outputs(
+            {
+                "frontendNetwork": self.frontend_network.name,
+                "backendNetwork": self.backend_network.name,
+                "volumes": self.volume_names,
+            }
+        )
+
+    def _docs_mounts(self, cfg: StackConfig) -> list[docker.ContainerMountArgs]:
+        """The documents the api indexes, read-only: a host folder or a stack volume."""
+        mounts = []
+        for folder, host_path in (("docs", cfg.docs_host_path), ("mds", cfg.mds_host_path)):
+            target = f"/workspace/data/{folder}"
+            if host_path:
+                mounts.append(bind_mount(host_path, target, read_only=True))
+            else:
+                volume = _volume(cfg.resource_name(folder), self, data=True)
+                mounts.append(volume_mount(volume.name, target, read_only=True))
+        return mounts

@@ -1,0 +1,230 @@
+"""One hardened container per service, and the way files reach it.
+
+Hardening follows CIS Docker Benchmark section 5: no-new-privileges, every capability
+dropped and only the image's needs added back, read-only root filesystem with tmpfs
+scratch, memory limit, CPU shares, restart on-failure (5 tries), a healthcheck; never
+privileged, never the host's network/PID/IPC, never the Docker socket.
+
+Files (configs, certificates, secrets) cannot be ``uploads`` of a read-only container:
+pulumi-docker copies uploads as a tar into ``/`` before start and Docker refuses that
+on a read-only rootfs. So each service with files gets a config volume, filled by a
+one-shot init container (the documented read-only exception: no network, exits at
+once) and mounted read-only by the service at ``CONFIG_DIR``. A hash of the files is a
+label of the service, so changed content replaces (restarts) it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_docker as docker
+
+CONFIG_DIR = "/etc/rag"
+_INCOMING_DIR = "/incoming"
+ON_FAILURE_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A file placed at CONFIG_DIR/<path> in the service, owned by its runtime user."""
+
+    path: str
+    content: pulumi.Input[str]
+    secret: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "0400" if self.secret else "0444"
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    network: docker.Network
+    aliases: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    internal: int
+    external: int
+    host_ip: str  # "127.0.0.1", or "0.0.0.0" for prod's Caddy only
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What differs between services; everything else is the hardened default."""
+
+    service: str
+    image: pulumi.Input[str]
+    healthcheck: Sequence[str]
+    memory_mb: int
+    cpu_shares: int = 512
+    command: Sequence[pulumi.Input[str]] | None = None
+    entrypoint: Sequence[str] | None = None
+    user: str | None = None
+    # "user:group" (names or ids valid in the image) that must own the config files.
+    files_owner: str | None = None
+    capabilities: Sequence[str] = ()
+    networks: Sequence[NetworkAttachment] = ()
+    ports: Sequence[PublishedPort] = ()
+    mounts: Sequence[docker.ContainerMountArgs] = ()
+    tmpfs: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
+    files: Sequence[ConfigFile] = ()
+    read_only: bool = True
+    health_interval: str = "30s"
+    health_start_period: str = "30s"
+    # Set on one-shot jobs: run to completion during `pulumi up`, never restarted.
+    one_shot: bool = False
+
+
+def volume_mount(
+    source: pulumi.Input[str], target: str, read_only: bool = False
+) -> docker.ContainerMountArgs:
+    return docker.ContainerMountArgs(
+        type="volume", source=source, target=target, read_only=read_only
+    )
+
+
+def bind_mount(source: str, target: str, read_only: bool = True) -> docker.ContainerMountArgs:
+    return docker.ContainerMountArgs(
+        type="bind",
+        source=source,
+        target=target,
+        read_only=read_only,
+        bind_options=docker.ContainerMountBindOptionsArgs(propagation="rslave"),
+    )
+
+
+def _files_hash(files: Sequence[ConfigFile]) -> pulumi.Output[str]:
+    """sha256 over paths, modes and contents; secret when any content is."""
+
+    def digest(contents: list[str]) -> str:
+        h = hashlib.sha256()
+        for f, content in zip(files, contents, strict=True):
+            h.update(f"{f.path}\0{f.mode}\0{len(content)}\0".encode())
+            h.update(content.encode())
+        return h.hexdigest()
+
+    hashed = pulumi.Output.all(*[f.content for f in files]).apply(digest)
+    return pulumi.Output.secret(hashed) if any(f.secret for f in files) else hashed
+
+
+def _init_script(files: Sequence[ConfigFile], owner: str | None) -> str:
+    """Copy incoming files into the config volume; stale files are removed first.
+
+    The volume holds only generated copies (never data), so replacing them is safe.
+    """
+    steps = [f"find {CONFIG_DIR} -mindepth 1 -delete", f"cp -R {_INCOMING_DIR}/. {CONFIG_DIR}/"]
+    for f in files:
+        target = shlex.quote(f"{CONFIG_DIR}/{f.path}")
+        steps.append(f"chmod {f.mode} {target}")
+    if owner:
+        steps.append(f"chown -R {shlex.quote(owner)} {CONFIG_DIR}")
+    steps.append(f"find {CONFIG_DIR} -type d -exec chmod 0555 {{}} +")
+    return " && ".join(["set -e", *steps])
+
+
+def hardened_container(
+    name: str,
+    spec: ServiceSpec,
+    parent: pulumi.Resource,
+    depends_on: Sequence[pulumi.Resource] = (),
+    labels: Mapping[str, str] | None = None,
+) -> docker.Container:
+    """Declare ``spec`` as container ``name`` (e.g. rag-staging-redis), hardened."""
+    if spec.read_only is False and spec.files and not spec.one_shot:
+        # Long-running services keep a read-only root; files come through the volume.
+        raise ValueError(f"{name}: a long-running service must keep read_only=True")
+
+    mounts = list(spec.mounts)
+    all_labels: dict[str, pulumi.Input[str]] = {"personal-rag.service": spec.service}
+    all_labels.update(labels or {})
+    deps = list(depends_on)
+    if spec.files:
+        config_volume = docker.Volume(
+            f"{name}-config",
+            name=f"{name}-config",
+            labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value="config")],
+            opts=pulumi.ResourceOptions(parent=parent),
+        )
+        init = docker.Container(
+            f"{name}-config-init",
+            name=f"{name}-config-init",
+            image=spec.image,
+            entrypoints=["/bin/sh", "-c", _init_script(spec.files, spec.files_owner)],
+            user="0:0",
+            network_mode="none",
+            # Root inside the init container only needs to copy and chown.
+            capabilities=docker.ContainerCapabilitiesArgs(
+                drops=["ALL"], adds=["CHOWN", "DAC_OVERRIDE", "FOWNER"]
+            ),
+            security_opts=["no-new-privileges:true"],
+            read_only=False,
+            uploads=[
+                docker.ContainerUploadArgs(file=f"{_INCOMING_DIR}/{f.path}", content=f.content)
+                for f in spec.files
+            ],
+            mounts=[volume_mount(config_volume.name, CONFIG_DIR)],
+            memory=64,
+            restart="no",
+            must_run=False,
+            attach=True,  # pulumi up waits for the copy to finish before the service starts
+            labels=[docker.ContainerLabelArgs(label="personal-rag.purpose", value="config-init")],
+            opts=pulumi.ResourceOptions(parent=parent, delete_before_replace=True),
+        )
+        mounts.append(volume_mount(config_volume.name, CONFIG_DIR, read_only=True))
+        all_labels["personal-rag.config-sha256"] = _files_hash(spec.files)
+        deps.append(init)
+
+    return docker.Container(
+        name,
+        name=name,
+        image=spec.image,
+        command=list(spec.command) if spec.command is not None else None,
+        entrypoints=list(spec.entrypoint) if spec.entrypoint is not None else None,
+        user=spec.user,
+        envs=[pulumi.Output.concat(k, "=", v) for k, v in spec.env.items()] or None,
+        capabilities=docker.ContainerCapabilitiesArgs(drops=["ALL"], adds=list(spec.capabilities)),
+        security_opts=["no-new-privileges:true"],
+        privileged=False,
+        read_only=spec.read_only,
+        tmpfs=dict(spec.tmpfs) or None,
+        memory=spec.memory_mb,
+        memory_swap=spec.memory_mb,  # no swap beyond the limit
+        cpu_shares=spec.cpu_shares,
+        restart="no" if spec.one_shot else "on-failure",
+        max_retry_count=0 if spec.one_shot else ON_FAILURE_RETRIES,
+        must_run=not spec.one_shot,
+        # One-shot jobs are waited for to exit; services until their healthcheck passes,
+        # so a broken service fails `pulumi up` instead of passing silently.
+        attach=spec.one_shot or None,
+        wait=None if spec.one_shot else True,
+        wait_timeout=None if spec.one_shot else 180,
+        healthcheck=docker.ContainerHealthcheckArgs(
+            tests=list(spec.healthcheck),
+            interval=spec.health_interval,
+            timeout="10s",
+            retries=3,
+            start_period=spec.health_start_period,
+        ),
+        networks_advanced=[
+            docker.ContainerNetworksAdvancedArgs(name=a.network.name, aliases=list(a.aliases))
+            for a in spec.networks
+        ]
+        or None,
+        network_mode="none" if not spec.networks else None,
+        ports=[
+            docker.ContainerPortArgs(internal=p.internal, external=p.external, ip=p.host_ip)
+            for p in spec.ports
+        ]
+        or None,
+        mounts=mounts or None,
+        labels=[docker.ContainerLabelArgs(label=k, value=v) for k, v in all_labels.items()],
+        # Names are fixed (they carry the stack), so the old container must go first.
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=deps, delete_before_replace=True),
+    )

@@ -1,0 +1,347 @@
+"""Run the real ``__main__.py`` under Pulumi mocks and record what it declares.
+
+The tls mocks return real keys and certificates, generated with ``cryptography`` from
+exactly the inputs the program passes (algorithm, curve, subject, SANs, uses, CA flag,
+validity), so a wrong choice in the program breaks the tests that use the material
+with real servers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import runpy
+import secrets
+import string
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pulumi.runtime import rpc
+
+REPO = Path(__file__).resolve().parent.parent
+PROJECT = "personal-rag"
+
+_CURVES: dict[str, Any] = {
+    "P224": ec.SECP224R1,
+    "P256": ec.SECP256R1,
+    "P384": ec.SECP384R1,
+    "P521": ec.SECP521R1,
+}
+_EKU = {
+    "server_auth": ExtendedKeyUsageOID.SERVER_AUTH,
+    "client_auth": ExtendedKeyUsageOID.CLIENT_AUTH,
+}
+
+
+def is_secret(value: Any) -> bool:
+    return rpc.is_rpc_secret(value)
+
+
+def reveal(value: Any) -> Any:
+    """Inputs as plain Python values, secret wrappers removed at every depth."""
+    if is_secret(value):
+        return reveal(rpc.unwrap_rpc_secret(value))
+    if isinstance(value, dict):
+        return {k: reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reveal(v) for v in value]
+    return value
+
+
+def plaintext_strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(path, string) for every string NOT under a secret marker."""
+    if is_secret(value):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from plaintext_strings(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from plaintext_strings(v, f"{path}[{i}]")
+    elif isinstance(value, str):
+        yield path, value
+
+
+@dataclass
+class Recorded:
+    typ: str
+    name: str
+    raw_inputs: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return reveal(self.raw_inputs)
+
+
+def _name(subject: Mapping[str, Any] | None) -> x509.Name:
+    attrs = []
+    subject = subject or {}
+    if subject.get("organization"):
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, subject["organization"]))
+    if subject.get("organizationalUnit"):
+        attrs.append(
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, subject["organizationalUnit"])
+        )
+    if subject.get("commonName"):
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, subject["commonName"]))
+    return x509.Name(attrs)
+
+
+def _pem(key: Any) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+class TlsMaterial:
+    """What pulumi-tls would produce, made for real."""
+
+    @staticmethod
+    def private_key(inputs: Mapping[str, Any]) -> dict[str, Any]:
+        algorithm = inputs.get("algorithm", "RSA")
+        key: Any
+        if algorithm == "ECDSA":
+            # pulumi-tls's default curve when none is named.
+            key = ec.generate_private_key(_CURVES[inputs.get("ecdsaCurve", "P224")]())
+        elif algorithm == "RSA":
+            key = rsa.generate_private_key(65537, int(inputs.get("rsaBits", 2048)))
+        else:
+            raise ValueError(f"mock tls: unsupported algorithm {algorithm}")
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return {**inputs, "privateKeyPem": _pem(key), "publicKeyPem": public.decode()}
+
+    @staticmethod
+    def _sign(
+        inputs: Mapping[str, Any],
+        subject: x509.Name,
+        public_key: Any,
+        issuer: x509.Name,
+        signing_key: Any,
+        sans: list[x509.GeneralName],
+    ) -> str:
+        now = dt.datetime.now(dt.UTC)
+        hours = int(inputs["validityPeriodHours"])
+        uses = list(inputs.get("allowedUses", []))
+        is_ca = bool(inputs.get("isCaCertificate", False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=hours))
+            .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature="digital_signature" in uses,
+                    content_commitment=False,
+                    key_encipherment="key_encipherment" in uses,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign="cert_signing" in uses,
+                    crl_sign="crl_signing" in uses,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        )
+        ekus = [_EKU[u] for u in uses if u in _EKU]
+        if ekus:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return (
+            builder.sign(signing_key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+        )
+
+    @staticmethod
+    def _sans(inputs: Mapping[str, Any]) -> list[x509.GeneralName]:
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in inputs.get("dnsNames") or []]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in inputs.get("ipAddresses") or []]
+        return sans
+
+    @classmethod
+    def self_signed(cls, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        key = serialization.load_pem_private_key(inputs["privateKeyPem"].encode(), None)
+        name = _name(inputs.get("subject"))
+        pem = cls._sign(inputs, name, key.public_key(), name, key, cls._sans(inputs))
+        return {**inputs, "certPem": pem, "readyForRenewal": False}
+
+    @staticmethod
+    def cert_request(inputs: Mapping[str, Any]) -> dict[str, Any]:
+        key = serialization.load_pem_private_key(inputs["privateKeyPem"].encode(), None)
+        builder = x509.CertificateSigningRequestBuilder().subject_name(_name(inputs.get("subject")))
+        sans = TlsMaterial._sans(inputs)
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        csr = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+        return {**inputs, "certRequestPem": csr.public_bytes(serialization.Encoding.PEM).decode()}
+
+    @classmethod
+    def locally_signed(cls, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        csr = x509.load_pem_x509_csr(inputs["certRequestPem"].encode())
+        ca_key = serialization.load_pem_private_key(inputs["caPrivateKeyPem"].encode(), None)
+        ca_cert = x509.load_pem_x509_certificate(inputs["caCertPem"].encode())
+        try:
+            sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            sans = []
+        pem = cls._sign(inputs, csr.subject, csr.public_key(), ca_cert.subject, ca_key, sans)
+        return {**inputs, "certPem": pem, "readyForRenewal": False}
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    def __init__(self, stack: str) -> None:
+        self.stack = stack
+        self.resources: list[Recorded] = []
+        self.generated_secrets: list[str] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        inputs = reveal(args.inputs)
+        state: dict[str, Any] = dict(inputs)
+        typ = args.typ
+        if typ == "tls:index/privateKey:PrivateKey":
+            state = TlsMaterial.private_key(inputs)
+            self.generated_secrets.append(state["privateKeyPem"])
+        elif typ == "tls:index/selfSignedCert:SelfSignedCert":
+            state = TlsMaterial.self_signed(inputs)
+        elif typ == "tls:index/certRequest:CertRequest":
+            state = TlsMaterial.cert_request(inputs)
+        elif typ == "tls:index/locallySignedCert:LocallySignedCert":
+            state = TlsMaterial.locally_signed(inputs)
+        elif typ == "random:index/randomPassword:RandomPassword":
+            alphabet = string.ascii_letters + string.digits
+            if inputs.get("special", True):
+                alphabet += "!@#$%&*()-_=+[]{}<>:?"
+            value = "".join(secrets.choice(alphabet) for _ in range(int(inputs["length"])))
+            state["result"] = value
+            self.generated_secrets.append(value)
+        elif typ == "docker:index/image:Image":
+            digest = "sha256:" + hashlib.sha256(inputs["imageName"].encode()).hexdigest()
+            state["repoDigest"] = inputs["imageName"].split(":")[0] + "@" + digest
+        self.resources.append(Recorded(typ, args.name, args.inputs, state))
+        return f"{args.name}-id", state
+
+    def call(
+        self, args: pulumi.runtime.MockCallArgs
+    ) -> tuple[dict[Any, Any], list[tuple[str, str]] | None]:
+        if args.token == "docker:index/getRegistryImage:getRegistryImage":
+            name = args.args["name"]
+            digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+            return {"name": name, "sha256Digest": digest}, []
+        raise NotImplementedError(f"mock has no answer for invoke {args.token}")
+
+
+# A complete, valid config for both stacks; tests override single keys.
+BASE_CONFIG: dict[str, str] = {
+    "domain": "api.example.com",
+    "alertEmail": "admin@example.com",
+    "smtpHost": "smtp.example.com:587",
+    "smtpFrom": "alerts@example.com",
+    "smtpUsername": "alerts@example.com",
+    "smtpPassword": "smtp-password-for-tests",
+    "image": "ghcr.io/example/rag_personal",
+    "imageTag": "3f9c2ab",
+}
+STACK_CONFIG: dict[str, dict[str, str]] = {
+    "prod": {},
+    "staging": {"domain": "staging.api.example.com", "portOffset": "10000", "logLevel": "DEBUG"},
+}
+SECRET_KEYS = {"smtpPassword", "ghcrToken"}
+
+
+@dataclass
+class ProgramRun:
+    stack: str
+    resources: list[Recorded]
+    exports: dict[str, tuple[Any, bool]]  # name -> (value, is_secret)
+    generated_secrets: list[str]
+    config: dict[str, str] = field(default_factory=dict)
+
+    def of_type(self, typ: str) -> list[Recorded]:
+        return [r for r in self.resources if r.typ == typ]
+
+    @property
+    def containers(self) -> dict[str, Recorded]:
+        return {r.inputs["name"]: r for r in self.of_type("docker:index/container:Container")}
+
+    @property
+    def networks(self) -> dict[str, Recorded]:
+        return {r.inputs["name"]: r for r in self.of_type("docker:index/network:Network")}
+
+    @property
+    def volumes(self) -> dict[str, Recorded]:
+        return {r.inputs["name"]: r for r in self.of_type("docker:index/volume:Volume")}
+
+    def known_secret_values(self) -> list[str]:
+        values = list(self.generated_secrets)
+        values += [self.config[k] for k in SECRET_KEYS if k in self.config]
+        return values
+
+
+def stack_config(stack: str, **overrides: str | None) -> dict[str, str]:
+    config = {**BASE_CONFIG, **STACK_CONFIG.get(stack, {})}
+    for key, value in overrides.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+def run_program(
+    stack: str,
+    config: Mapping[str, str] | None = None,
+    secret_keys: set[str] | None = None,
+) -> ProgramRun:
+    """Run __main__.py for ``stack`` under mocks; return what it declared and exported."""
+    config = dict(stack_config(stack) if config is None else config)
+    secret_keys = SECRET_KEYS if secret_keys is None else secret_keys
+    mocks = RecordingMocks(stack)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    pulumi.runtime.set_all_config(
+        {f"{PROJECT}:{k}": v for k, v in config.items()},
+        [f"{PROJECT}:{k}" for k in secret_keys if k in config],
+    )
+    exported: dict[str, Any] = {}
+    exports: dict[str, tuple[Any, bool]] = {}
+
+    def capture(name: str, value: Any) -> None:
+        exported[name] = value
+
+    @pulumi.runtime.test
+    def program() -> Any:
+        original = pulumi.export
+        pulumi.export = capture
+        try:
+            runpy.run_path(str(REPO / "__main__.py"), run_name="__main__")
+        finally:
+            pulumi.export = original
+
+        async def resolve() -> None:
+            for key, value in exported.items():
+                out = pulumi.Output.from_input(value)
+                exports[key] = (await out.future(), bool(await out.is_secret()))
+
+        return pulumi.Output.from_input(resolve())
+
+    program()
+    return ProgramRun(stack, mocks.resources, exports, mocks.generated_secrets, config)
