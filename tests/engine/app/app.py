@@ -14,7 +14,9 @@ from urllib.parse import urlsplit
 import psycopg
 import redis
 
-PORT = 8000
+# The stack runs it on 0.0.0.0:8000; the local test of this app binds loopback instead.
+BIND = os.environ.get("STANDIN_BIND", "0.0.0.0")  # noqa: S104
+PORT = int(os.environ.get("STANDIN_PORT", "8000"))
 _requests = 0
 _lock = threading.Lock()
 
@@ -92,4 +94,4 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("0.0.0.0", PORT), Handler).serve_forever()  # noqa: S104
+    ThreadingHTTPServer((BIND, PORT), Handler).serve_forever()
