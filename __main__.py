@@ -5,6 +5,7 @@ import pulumi
 from components.app_stack import AppStack, AppStackArgs
 from components.config import load_stack_config
 from components.gitinfo import read_git_state
+from components.monitoring import Monitoring, MonitoringArgs
 from components.redis_tls import RedisTls, RedisTlsArgs
 from components.registry import Registry, RegistryArgs
 from components.stack_secrets import StackSecrets, StackSecretsArgs
@@ -23,6 +24,7 @@ registry = Registry(
 )
 redis_tls = RedisTls("redis-tls", RedisTlsArgs(config))
 app = AppStack("app", AppStackArgs(config, registry.image_ref, secrets, redis_tls))
+monitoring = Monitoring("monitoring", MonitoringArgs(config, app, secrets, redis_tls))
 
 pulumi.export("stack", config.stack)
 pulumi.export("imageRef", registry.image_ref)
@@ -30,6 +32,8 @@ pulumi.export("frontendNetwork", app.frontend_network.name)
 pulumi.export("backendNetwork", app.backend_network.name)
 pulumi.export("caddyHttpUrl", f"http://127.0.0.1:{config.ports.http}")
 pulumi.export("caddyHttpsUrl", f"https://{config.domain}:{config.ports.https}")
+pulumi.export("prometheusUrl", f"http://127.0.0.1:{config.ports.prometheus}")
+pulumi.export("alertmanagerUrl", f"http://127.0.0.1:{config.ports.alertmanager}")
 pulumi.export("redisCaCertPem", redis_tls.ca_cert_pem)
 # Store offline: without it the stack's backups cannot be decrypted (README, "Keys").
 pulumi.export("backupPassphrase", secrets.backup_passphrase)

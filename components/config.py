@@ -343,7 +343,9 @@ def _parse_ports(stack: str, c: _Collector) -> PortSettings:
     seen: dict[int, str] = {}
     for key, port in ports.items():
         if port in seen:
-            c.fail(key, str(port), f"a port not already used by {PROJECT}:{seen[port]} in this stack")
+            c.fail(
+                key, str(port), f"a port not already used by {PROJECT}:{seen[port]} in this stack"
+            )
         seen.setdefault(port, key)
         if not is_prod and port in PROD_PORTS.values():
             c.fail(key, str(port), "a port prod does not publish (80, 443, 9090, 9093 are prod's)")
