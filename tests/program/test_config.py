@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,10 @@ SECRET_VALUE = "smtp-password-for-tests"
 
 def parse(stack: str, secret_keys: set[str] = SECRET_KEYS, **overrides: str | None) -> StackConfig:
     return parse_stack_config(stack, stack_config(stack, **overrides), secret_keys)
+
+
+def parse_overrides(stack: str, overrides: dict[str, str | None]) -> StackConfig:
+    return parse_stack_config(stack, stack_config(stack, **overrides), SECRET_KEYS)
 
 
 def test_both_committed_stack_files_parse() -> None:
@@ -79,7 +84,7 @@ def test_bad_value_names_key_and_value(
     stack: str, overrides: dict[str, str | None], key: str, shown: str | None
 ) -> None:
     with pytest.raises(ConfigError) as excinfo:
-        parse(stack, **overrides)
+        parse_overrides(stack, overrides)
     message = str(excinfo.value)
     assert f"personal-rag:{key}" in message
     if shown is not None:
@@ -152,7 +157,7 @@ def test_bad_config_fails_before_any_resource_is_registered() -> None:
     seen: list[object] = []
     original = pulumi_harness.RecordingMocks.new_resource
 
-    def spy(self, args):  # type: ignore[no-untyped-def]
+    def spy(self: Any, args: Any) -> Any:
         seen.append(args.typ)
         return original(self, args)
 
