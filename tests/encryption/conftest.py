@@ -1,0 +1,152 @@
+"""Fixtures: both stacks' program runs, and real servers started from what they declare."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.encryption.helpers import (
+    START_TIMEOUT_S,
+    TOOL_TIMEOUT_S,
+    PostgresUnderTest,
+    RedisUnderTest,
+    container_inputs,
+    free_port,
+    log_tail,
+    run_as_postgres,
+    start_redis_from_program,
+    stop_process,
+    wait_listening,
+)
+from tests.pulumi_harness import ProgramRun, run_program
+from tests.tooling import require_tool
+
+STACKS = ("staging", "prod")
+# A password the cluster had before the program manages it (an adopted compose volume):
+# only the migration's verifier can make the stack's password work.
+PRE_EXISTING_PASSWORD = "password-from-before-the-migration"
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, ProgramRun]:
+    return {stack: run_program(stack) for stack in STACKS}
+
+
+@pytest.fixture(scope="module")
+def redis_servers(
+    runs: dict[str, ProgramRun], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, RedisUnderTest]]:
+    """One real redis-server per stack, each from its own stack's command and files."""
+    redis_server = require_tool("redis-server")
+    servers: dict[str, RedisUnderTest] = {}
+    try:
+        for stack in STACKS:
+            root = tmp_path_factory.mktemp(f"redis-{stack}")
+            servers[stack] = start_redis_from_program(runs[stack], redis_server, root)
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def start_postgres_from_program(run: ProgramRun) -> PostgresUnderTest:
+    """Initialise a cluster as the postgres image's entrypoint does (superuser ``rag`` from
+    POSTGRES_USER, database from POSTGRES_DB, local trust, host scram) and start it with the
+    program's server command. Only directories, port and listen address are the test's."""
+    postgres_bin = Path(require_tool("postgres")).resolve()
+    initdb = require_tool("initdb")
+    require_tool("psql")
+    pg_isready = require_tool("pg_isready")
+    env = dict(entry.partition("=")[::2] for entry in container_inputs(run, "postgres")["envs"])
+    superuser, database = env["POSTGRES_USER"], env["POSTGRES_DB"]
+    as_postgres = run_as_postgres()
+
+    # pytest's tmp dirs are root-only; the postgres OS user needs its own.
+    root = Path(tempfile.mkdtemp(prefix=f"rag-enc-pg-{run.stack}-"))
+    root.chmod(0o755)
+    data_dir, socket_dir = root / "data", root / "socket"
+    socket_dir.mkdir()
+    old_password_file = root / "old-password"
+    old_password_file.write_text(PRE_EXISTING_PASSWORD + "\n")
+    old_password_file.chmod(0o600)
+    if as_postgres:
+        for path in (root, socket_dir, old_password_file):
+            shutil.chown(path, "postgres", "postgres")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        init = subprocess.run(
+            [
+                initdb,
+                "-D",
+                str(data_dir),
+                "-U",
+                superuser,
+                f"--pwfile={old_password_file}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT_S,
+            check=False,
+            **as_postgres,
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed: {init.stderr.strip()}")
+        # What the image allows: trust over its Unix socket, scram over TCP (here loopback).
+        (data_dir / "pg_hba.conf").write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        # An older cluster's setting: only the program's server command makes it scram.
+        with open(data_dir / "postgresql.conf", "a") as conf:
+            conf.write("password_encryption = md5\n")
+
+        command = container_inputs(run, "postgres")["command"]
+        if command[0] != "postgres":
+            raise AssertionError(f"the PostgreSQL container does not run postgres: {command}")
+        log = root / "postgres.log"
+        port = free_port()
+        argv = [str(postgres_bin), *command[1:], "-D", str(data_dir)]
+        argv += ["-c", "listen_addresses=127.0.0.1", "-c", f"port={port}"]
+        argv += ["-c", f"unix_socket_directories={socket_dir}", "-c", "fsync=off"]
+        with open(log, "ab") as log_file:
+            proc = subprocess.Popen(
+                argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=root, **as_postgres
+            )
+        wait_listening(port, proc, log)
+        server = PostgresUnderTest(
+            run.stack, port, root, postgres_bin.parent, socket_dir, proc, log, argv
+        )
+        # The program's healthcheck, pointed at this server's socket.
+        healthcheck = container_inputs(run, "postgres")["healthcheck"]["tests"]
+        assert healthcheck[:2] == ["CMD", "pg_isready"], healthcheck
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while server.run_as_postgres(
+            [pg_isready, *healthcheck[2:], "-h", str(socket_dir)]
+        ).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL not ready:\n{log_tail(log)}")
+            time.sleep(0.1)
+        created = server.run_as_postgres(
+            [
+                *("psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", str(socket_dir)),
+                *("-U", superuser, "-d", "postgres", "-c", f'CREATE DATABASE "{database}"'),
+            ]
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"createdb failed: {created.stderr.strip()}")
+        return server
+    except BaseException:
+        if proc is not None:
+            stop_process(proc, 2)
+        shutil.rmtree(root, ignore_errors=True)
+        raise
