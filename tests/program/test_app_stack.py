@@ -52,7 +52,9 @@ def test_resource_names_are_unique_within_a_stack(runs: dict[str, ProgramRun]) -
         counts = Counter((r.typ, r.name) for r in run.resources)
         assert [k for k, n in counts.items() if n > 1] == []
         docker_names = Counter(
-            (r.typ, r.inputs["name"]) for r in run.resources if r.typ.startswith("docker:")
+            (r.typ, r.inputs.get("name", r.name))
+            for r in run.resources
+            if r.typ.startswith("docker:")
         )
         assert [k for k, n in docker_names.items() if n > 1] == []
 

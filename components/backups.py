@@ -1,0 +1,195 @@
+"""Backups per stack: a scheduled rag-backup container (daily backup + verify + prune,
+weekly restore drill), its own encrypted backups volume, and metrics into monitoring.
+
+The image is built by Pulumi on the Docker host from ``docker/backup/Dockerfile`` (no
+registry). The job joins only the stack's internal backend network, reads the data it
+backs up (Chroma read-only; PostgreSQL and Redis over the network with its own
+credentials and client certificate), writes only its backups volume, a scratch volume
+for drills and the node_exporter textfile volume. No Docker socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+import pulumi_docker as docker
+
+from components.app_stack import CHROMA_DIR, AppStack
+from components.config import StackConfig
+from components.containers import (
+    CONFIG_DIR,
+    ConfigFile,
+    NetworkAttachment,
+    ServiceSpec,
+    bind_mount,
+    hardened_container,
+    volume_mount,
+)
+from components.monitoring import TEXTFILE_DIR, Monitoring
+from components.redis_tls import RedisTls
+from components.service_files import POSTGRES_DB, POSTGRES_USER, render_pgpass
+from components.stack_secrets import StackSecrets
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = "docker/backup/Dockerfile"
+BACKUP_DIR = "/backups"
+SCRATCH_DIR = "/scratch"
+BACKUP_IMAGE_REPOSITORY = "personal-rag/backup"
+
+
+def backup_image_tag() -> str:
+    """Content hash of what goes into the image: a change rebuilds, nothing else does."""
+    digest = hashlib.sha256()
+    files = [REPO / DOCKERFILE, *sorted((REPO / "rag_backup").rglob("*.py"))]
+    for path in files:
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BackupsArgs:
+    config: StackConfig
+    app: AppStack
+    monitoring: Monitoring
+    secrets: StackSecrets
+    redis_tls: RedisTls
+
+
+class Backups(pulumi.ComponentResource):
+    container: docker.Container
+    backups_location: pulumi.Output[str]
+
+    def __init__(
+        self, name: str, args: BackupsArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("personal-rag:index:Backups", name, None, opts)
+        cfg = args.config
+        n = cfg.resource_name
+        child = pulumi.ResourceOptions(parent=self)
+        schedule = cfg.backup
+
+        image = docker.Image(
+            n("backup-image"),
+            image_name=f"{BACKUP_IMAGE_REPOSITORY}:{backup_image_tag()}",
+            build=docker.DockerBuildArgs(
+                context=str(REPO),
+                dockerfile=str(REPO / DOCKERFILE),
+                platform="linux/amd64",
+            ),
+            skip_push=True,
+            opts=child,
+        )
+
+        if schedule.host_path:
+            backups_mount = bind_mount(schedule.host_path, BACKUP_DIR, read_only=False)
+            self.backups_location = pulumi.Output.from_input(schedule.host_path)
+        else:
+            # Data: outlives the stack (retain on delete), never shared with another stack.
+            backups_volume = docker.Volume(
+                n("backups"),
+                name=n("backups"),
+                labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value="backups")],
+                opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True),
+            )
+            backups_mount = volume_mount(backups_volume.name, BACKUP_DIR)
+            self.backups_location = backups_volume.name
+        scratch = docker.Volume(n("backup-scratch"), name=n("backup-scratch"), opts=child)
+        textfile = args.monitoring.textfile_volume
+
+        # The job runs as the api's user so it can read Chroma's files; this one-shot
+        # root step (CHOWN only) hands it the directories it writes.
+        owner = cfg.app.user
+        volume_init = hardened_container(
+            n("backup-volume-init"),
+            ServiceSpec(
+                service="backup-volume-init",
+                image=image.image_name,
+                entrypoint=["/bin/sh", "-c"],
+                command=[f"chown {owner} {BACKUP_DIR} {SCRATCH_DIR} {TEXTFILE_DIR}"],
+                user="0:0",
+                capabilities=["CHOWN"],
+                mounts=[
+                    backups_mount,
+                    volume_mount(scratch.name, SCRATCH_DIR),
+                    volume_mount(textfile.name, TEXTFILE_DIR),
+                ],
+                memory_mb=64,
+                healthcheck=["NONE"],
+                one_shot=True,
+            ),
+            parent=self,
+        )
+
+        tls = args.redis_tls.clients["backup"]
+        pgpass = args.secrets.postgres_password.apply(
+            lambda pw: render_pgpass(n("postgres"), POSTGRES_USER, pw, "*")
+        )
+        secrets_dir = f"{CONFIG_DIR}/secrets"
+        tls_dir = f"{CONFIG_DIR}/tls"
+        self.container = hardened_container(
+            n("backup"),
+            ServiceSpec(
+                service="backup",
+                image=image.image_name,
+                user=owner,
+                files_owner=owner,
+                networks=[NetworkAttachment(args.app.backend_network)],
+                mounts=[
+                    backups_mount,
+                    volume_mount(scratch.name, SCRATCH_DIR),
+                    volume_mount(textfile.name, TEXTFILE_DIR),
+                    volume_mount(args.app.volume_names["chroma"], CHROMA_DIR, read_only=True),
+                ],
+                tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
+                memory_mb=1024,
+                cpu_shares=256,  # backups yield to the api
+                healthcheck=["CMD", "python3", "-m", "rag_backup.schedule", "--check"],
+                health_start_period="120s",
+                env={
+                    "BACKUP_DIR": BACKUP_DIR,
+                    "RAG_BACKUP_KEY_FILE": f"{secrets_dir}/backup_passphrase",
+                    "RAG_BACKUP_METRICS_DIR": TEXTFILE_DIR,
+                    "RAG_BACKUP_TIME": schedule.time_of_day,
+                    "RAG_DRILL_WEEKDAY": schedule.drill_weekday,
+                    "RAG_DRILL_TIME": schedule.drill_time,
+                    "RAG_BACKUP_KEEP_DAILY": str(schedule.keep_daily),
+                    "RAG_BACKUP_KEEP_WEEKLY": str(schedule.keep_weekly),
+                    "RAG_BACKUP_KEEP_MONTHLY": str(schedule.keep_monthly),
+                    "TMPDIR": SCRATCH_DIR,
+                    "PGHOST": n("postgres"),
+                    "PGPORT": "5432",
+                    "PGUSER": POSTGRES_USER,
+                    "PGDATABASE": POSTGRES_DB,
+                    "PGPASSFILE": f"{secrets_dir}/pgpass",
+                    "REDIS_URL": f"rediss://backup@{n('redis')}:6379/0",
+                    "REDIS_PASSWORD_FILE": f"{secrets_dir}/redis_password",
+                    "REDIS_TLS_CA_FILE": f"{tls_dir}/ca.crt",
+                    "REDIS_TLS_CERT_FILE": f"{tls_dir}/client.crt",
+                    "REDIS_TLS_KEY_FILE": f"{tls_dir}/client.key",
+                    "CHROMA_DIR": CHROMA_DIR,
+                },
+                files=[
+                    ConfigFile(
+                        "secrets/backup_passphrase", args.secrets.backup_passphrase, secret=True
+                    ),
+                    ConfigFile("secrets/pgpass", pulumi.Output.secret(pgpass), secret=True),
+                    ConfigFile(
+                        "secrets/redis_password",
+                        args.secrets.redis_passwords["backup"],
+                        secret=True,
+                    ),
+                    ConfigFile("tls/ca.crt", args.redis_tls.ca_cert_pem),
+                    ConfigFile("tls/client.crt", tls.cert_pem),
+                    ConfigFile("tls/client.key", tls.key_pem, secret=True),
+                ],
+            ),
+            parent=self,
+            depends_on=[volume_init, args.app.containers["postgres"], args.app.containers["redis"]],
+        )
+        self.image_name = image.image_name
+        self.register_outputs(
+            {"backupsLocation": self.backups_location, "backupImage": image.image_name}
+        )
