@@ -95,7 +95,7 @@ class ApiClient:
     def client(self, server: RedisUnderTest, **overrides: object) -> redis.Redis:
         kwargs: dict[str, object] = {"password": self.password, "socket_timeout": 10}
         kwargs.update(overrides)
-        return redis.Redis.from_url(self.url_for(server), **kwargs)  # type: ignore[arg-type]
+        return redis.Redis.from_url(self.url_for(server), **kwargs)
 
 
 @pytest.fixture(scope="module")
