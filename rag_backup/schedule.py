@@ -147,12 +147,12 @@ def write_scheduler_metrics(
     write_atomic(metrics_dir / SCHEDULER_FILE, "\n".join(lines) + "\n")
 
 
-def _read_state(metrics_dir: Path) -> dict[str, float]:
+def _read_state(metrics_dir: Path) -> dict[str, dict[str, float]]:
     try:
         data = json.loads((metrics_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+        return {"attempts": dict(data["attempts"]), "success": dict(data["success"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"attempts": {}, "success": {}}
 
 
 def _latest(*values: float | None) -> float | None:
@@ -166,22 +166,28 @@ def run_pending(
     now: dt.datetime,
     runner: Callable[[Sequence[str]], int] = _subprocess_runner,
 ) -> dict[str, bool]:
-    """Run every due job once; record the outcome. Returns job -> success."""
+    """Run every due job once; record the outcome. Returns job -> success of this call."""
     state = _read_state(metrics_dir)
+    attempts, success = state["attempts"], state["success"]
     last_backup = _latest(
         _last_attempt(metrics_dir, BACKUP_FILE, "rag_backup_last_run_timestamp_seconds"),
-        state.get("backup"),
+        attempts.get("backup"),
     )
     last_drill = _latest(
         _last_attempt(metrics_dir, DRILL_FILE, "rag_restore_drill_last_run_timestamp_seconds"),
-        state.get("drill"),
+        attempts.get("drill"),
     )
     results = {}
     for job in due_jobs(schedule, now, last_backup, last_drill):
-        state[job] = now.timestamp()
+        # Recorded before the run: a job that crashes is not retried until its next slot.
+        attempts[job] = now.timestamp()
         write_atomic(metrics_dir / STATE_FILE, json.dumps(state))
         results[job] = run_job(job, runner)
-    write_scheduler_metrics(metrics_dir, now, schedule, results)
+        success[job] = float(results[job])
+        write_atomic(metrics_dir / STATE_FILE, json.dumps(state))
+    write_scheduler_metrics(
+        metrics_dir, now, schedule, {job: bool(ok) for job, ok in success.items()}
+    )
     return results
 
 

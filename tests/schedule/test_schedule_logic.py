@@ -1,0 +1,107 @@
+"""The backup scheduler's decisions: due jobs, catch-up after downtime, no retry storms."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from rag_backup.schedule import (
+    SCHEDULER_FILE,
+    Schedule,
+    ScheduleError,
+    check_heartbeat,
+    due_jobs,
+    main,
+    run_pending,
+)
+
+UTC = dt.UTC
+SCHEDULE = Schedule.parse("03:00", "sun", "04:30")
+
+
+def at(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def test_backup_is_due_once_per_day_after_its_time() -> None:
+    # 2026-11-25 is a Wednesday.
+    done_yesterday = at("2026-11-24T03:05").timestamp()
+    done_today = at("2026-11-25T03:01").timestamp()
+    recent_drill = at("2026-11-22T04:31").timestamp()
+    assert due_jobs(SCHEDULE, at("2026-11-25T02:59"), done_yesterday, recent_drill) == []
+    assert due_jobs(SCHEDULE, at("2026-11-25T03:00"), done_yesterday, recent_drill) == ["backup"]
+    assert due_jobs(SCHEDULE, at("2026-11-25T23:00"), done_today, recent_drill) == []
+
+
+def test_missed_backup_is_caught_up_when_the_host_comes_back() -> None:
+    # Down from Monday 02:00 to Wednesday 10:00: one catch-up run, not one per missed day.
+    last = at("2026-11-23T01:00").timestamp()
+    assert due_jobs(SCHEDULE, at("2026-11-25T10:00"), last, None) == ["backup", "drill"]
+
+
+def test_drill_is_weekly_on_its_day() -> None:
+    backup = at("2026-11-29T03:01").timestamp()
+    drill_last_week = at("2026-11-22T04:31").timestamp()
+    assert due_jobs(SCHEDULE, at("2026-11-29T04:29"), backup, drill_last_week) == []
+    assert due_jobs(SCHEDULE, at("2026-11-29T04:30"), backup, drill_last_week) == ["drill"]
+    drilled = at("2026-11-29T04:40").timestamp()
+    assert "drill" not in due_jobs(SCHEDULE, at("2026-12-02T12:00"), backup, drilled)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("3am", "sun", "04:30"), "RAG_BACKUP_TIME = '3am'"),
+        (("03:00", "someday", "04:30"), "RAG_DRILL_WEEKDAY = 'someday'"),
+        (("03:00", "sun", "25:00"), "RAG_DRILL_TIME = '25:00'"),
+    ],
+)
+def test_bad_schedule_is_named(args: tuple[str, str, str], message: str) -> None:
+    with pytest.raises(ScheduleError, match=message):
+        Schedule.parse(*args)
+
+
+def test_a_crashing_job_is_not_retried_every_minute(tmp_path: Path) -> None:
+    calls: list[Sequence[str]] = []
+
+    def crashing(args: Sequence[str]) -> int:
+        calls.append(args)
+        return 1  # dies before writing any metrics
+
+    now = at("2026-11-25T03:00")
+    first = run_pending(SCHEDULE, tmp_path, now, crashing)
+    assert first == {"backup": False, "drill": False}
+    again = run_pending(SCHEDULE, tmp_path, now + dt.timedelta(minutes=1), crashing)
+    assert again == {}
+    assert len(calls) == 2  # one backup attempt, one drill attempt
+    text = (tmp_path / SCHEDULER_FILE).read_text()
+    assert 'rag_backup_scheduler_job_success{job="backup"} 0' in text
+
+
+def test_backup_runs_verify_then_prune_and_stops_at_a_failure(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def runner(args: Sequence[str]) -> int:
+        calls.append(" ".join(args))
+        return 0 if args[0] != "prune" else 3
+
+    results = run_pending(SCHEDULE, tmp_path, at("2026-11-25T03:00"), runner)
+    assert calls[:2] == ["backup --verify", "prune"]
+    assert results["backup"] is False
+
+
+def test_healthcheck_follows_the_heartbeat(tmp_path: Path) -> None:
+    now = at("2026-11-25T05:00")
+    run_pending(SCHEDULE, tmp_path, now, lambda args: 0)
+    assert check_heartbeat(tmp_path, now.timestamp() + 60)
+    assert not check_heartbeat(tmp_path, now.timestamp() + 3600)
+    assert not check_heartbeat(tmp_path / "missing", now.timestamp())
+
+
+def test_check_mode_exit_codes(tmp_path: Path) -> None:
+    assert main(["--check", "--metrics-dir", str(tmp_path)]) == 1
+    run_pending(SCHEDULE, tmp_path, dt.datetime.now(UTC), lambda args: 0)
+    assert main(["--check", "--metrics-dir", str(tmp_path)]) == 0
