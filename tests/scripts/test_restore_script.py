@@ -1,0 +1,120 @@
+"""scripts/restore-stack.sh against a stand-in `docker` that records every call.
+
+The real procedure needs a Docker engine (the GitHub integration job has one); here we
+prove the order that keeps data safe and the refusals.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.tooling import require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "restore-stack.sh"
+
+FAKE_DOCKER = r"""#!/usr/bin/env bash
+echo "$*" >> "$DOCKER_LOG"
+case "$1 $*" in
+  *"inspect --format {{.Config.Image}}"*) echo personal-rag/backup:abc ;;
+  *"/workspace/data/chroma"*) echo rag-S-chroma-data ;;
+  *'eq .Destination "/data"'*) echo rag-S-redis-data ;;
+  *'eq .Destination "/backups"'*) echo rag-S-backups ;;
+  *"{{range .Config.Env}}"*)
+    echo PGHOST=rag-S-postgres
+    echo RAG_BACKUP_KEY_FILE=/etc/rag/secrets/backup_passphrase
+    echo BACKUP_DIR=/backups ;;
+  *"{{.Config.User}}"*) echo 1000:1000 ;;
+  *"{{.State.Health.Status}}"*) echo healthy ;;
+  *"-c %u:%g"*) echo 999:1000 ;;
+esac
+if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit 1; fi
+exit 0
+"""
+
+
+def run_script(
+    tmp_path: Path, *args: str, stdin: str = "", fail_on: str = ""
+) -> tuple[int, list[str], str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    docker = bin_dir / "docker"
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(0o755)
+    log = tmp_path / "docker.log"
+    log.write_text("")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "DOCKER_LOG": str(log),
+        "FAIL_ON": fail_on,
+    }
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode, log.read_text().splitlines(), proc.stderr
+
+
+def index(calls: list[str], needle: str) -> int:
+    return next(i for i, c in enumerate(calls) if needle in c)
+
+
+@pytest.mark.integration
+def test_script_passes_shellcheck() -> None:
+    shellcheck = require_tool("shellcheck")
+    for script in [*sorted((REPO / "scripts").glob("*.sh")), REPO / ".ci" / "run"]:
+        subprocess.run([shellcheck, str(script)], check=True)
+
+
+def test_verify_first_then_stop_then_restore_then_start(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--yes")
+    assert code == 0, err
+    verify = index(calls, "-m rag_backup verify")
+    stop = index(calls, "stop rag-staging-api rag-staging-backup rag-staging-redis")
+    restore = index(calls, "-m rag_backup restore")
+    start_redis = index(calls, "start rag-staging-redis")
+    assert verify < stop < restore < start_redis
+    assert "--yes" in calls[restore]
+    # Ownership goes back to the services' users before they start again.
+    chown = index(calls, "chown -R 999:1000 /redis-data")
+    assert restore < chown < start_redis
+
+
+def test_unconfirmed_restore_changes_nothing(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", stdin="prod\n")
+    assert code == 1 and "not confirmed" in err
+    assert not any(c.startswith(("stop", "start")) for c in calls)
+    assert not any("-m rag_backup restore" in c for c in calls)
+
+
+def test_failed_verification_stops_before_touching_the_stack(tmp_path: Path) -> None:
+    code, calls, _ = run_script(tmp_path, "staging", "--yes", fail_on="rag_backup verify")
+    assert code != 0
+    assert not any(c.startswith("stop") for c in calls)
+
+
+def test_prod_never_takes_another_stacks_data(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "prod", "--from", "staging", "--yes")
+    assert code == 2 and "refusing" in err
+    assert calls == []
+
+
+def test_staging_from_prod_reads_prods_backups_and_key_read_only(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--from", "prod", "--yes")
+    assert code == 0, err
+    restore = calls[index(calls, "-m rag_backup restore")]
+    assert "source=rag-prod-backup-config,target=/source-keys,readonly" in restore
+    assert "target=/backups,readonly" in restore
+    assert "RAG_BACKUP_KEY_FILE=/source-keys/secrets/backup_passphrase" in restore
+    assert "RAG_BACKUP_KEY_FILE=/etc/rag" not in restore
+    assert "--network rag-staging-backend" in restore
