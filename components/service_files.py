@@ -42,7 +42,7 @@ def render_redis_conf(paths: RedisServerPaths = RedisServerPaths()) -> str:
         ("tls-key-file", paths.key_file),
         ("tls-ca-cert-file", paths.ca_file),
         ("tls-auth-clients", "yes"),  # mutual TLS: every client shows a cert from our CA
-        ("tls-protocols", "TLSv1.2 TLSv1.3"),
+        ("tls-protocols", '"TLSv1.2 TLSv1.3"'),  # one value: quoted, or Redis refuses it
         ("bind", "* -::*"),
         # The default user may only PING (the healthcheck); it is passwordless, which
         # protected mode would refuse from other hosts. Peers are already
@@ -53,6 +53,8 @@ def render_redis_conf(paths: RedisServerPaths = RedisServerPaths()) -> str:
         ("appendonly", "yes"),
         ("appendfsync", "everysec"),
         ("save", "3600 1 300 100 60 10000"),
+        # No replicas: the only SYNC is the backup's redis-cli --rdb; don't make it wait 5 s.
+        ("repl-diskless-sync-delay", "0"),
     ]
     return "".join(f"{key} {value}\n" for key, value in directives)
 
