@@ -1,0 +1,490 @@
+"""Command line: argparse subcommands; settings from options, else the environment.
+Any failure ends with one line ``rag-backup: error: ...`` on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from rag_backup import __version__, ops, redis_ops
+from rag_backup.crypto import CipherSettings
+from rag_backup.errors import BackupError
+from rag_backup.pg import PostgresSettings
+from rag_backup.procs import kill_all_children
+from rag_backup.progress import Progress
+from rag_backup.restore import DrillConfig, RedisTarget, RestoreConfig, run_drill, run_restore
+from rag_backup.store import BackupStore
+
+LIBPQ_VARS = (
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGPASSFILE",
+    "PGPASSWORD",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGCONNECT_TIMEOUT",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+)
+ALL_COMPONENTS = ("postgres", "redis", "chroma")
+
+
+class Interrupted(BackupError):
+    pass
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _positive_int(option: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option}: {text!r} is not a whole number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{option}: {text!r} must not be negative")
+        return value
+
+    return parse
+
+
+def _components(option: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [n for n in names if n not in ALL_COMPONENTS]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"{option}: {text!r}; expected a comma list of {', '.join(ALL_COMPONENTS)}"
+            )
+        return names
+
+    return parse
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backup-dir",
+        type=Path,
+        default=_env_path("BACKUP_DIR"),
+        help="where backups live (env BACKUP_DIR)",
+    )
+    parser.add_argument(
+        "--encryption",
+        choices=("gpg", "age"),
+        default=os.environ.get("RAG_BACKUP_ENCRYPTION", "gpg"),
+        help="gpg (symmetric AES-256, passphrase file) or age (env RAG_BACKUP_ENCRYPTION)",
+    )
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        default=_env_path("RAG_BACKUP_KEY_FILE"),
+        help="gpg passphrase file (env RAG_BACKUP_KEY_FILE)",
+    )
+    parser.add_argument(
+        "--age-recipients-file",
+        type=Path,
+        default=_env_path("RAG_BACKUP_AGE_RECIPIENTS_FILE"),
+        help="age recipients file, for backup (env RAG_BACKUP_AGE_RECIPIENTS_FILE)",
+    )
+    parser.add_argument(
+        "--age-identity-file",
+        type=Path,
+        default=_env_path("RAG_BACKUP_AGE_IDENTITY_FILE"),
+        help="age identity file, for verify/restore/drill (env RAG_BACKUP_AGE_IDENTITY_FILE)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _add_metrics(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-dir",
+        type=Path,
+        default=_env_path("RAG_BACKUP_METRICS_DIR"),
+        help="node_exporter textfile directory for metrics (env RAG_BACKUP_METRICS_DIR)",
+    )
+
+
+def _add_pg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pg-database",
+        default=os.environ.get("PGDATABASE"),
+        help="database to back up / restore (env PGDATABASE; host, port, user and password "
+        "come from the libpq variables PGHOST, PGPORT, PGUSER, PGPASSFILE/PGPASSWORD)",
+    )
+    parser.add_argument(
+        "--pg-jobs",
+        type=_positive_int("--pg-jobs"),
+        default=os.cpu_count() or 2,
+        help="parallel pg_restore jobs (default: CPU count)",
+    )
+
+
+def _add_redis(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="redis:// or rediss:// URL (env REDIS_URL)",
+    )
+    parser.add_argument(
+        "--redis-password-file",
+        type=Path,
+        default=_env_path("REDIS_PASSWORD_FILE"),
+        help="file with the Redis password, overrides one in the URL (env REDIS_PASSWORD_FILE)",
+    )
+    parser.add_argument(
+        "--redis-ca-file",
+        type=Path,
+        default=_env_path("REDIS_TLS_CA_FILE"),
+        help="CA certificate for rediss:// (env REDIS_TLS_CA_FILE)",
+    )
+    parser.add_argument(
+        "--redis-cert-file",
+        type=Path,
+        default=_env_path("REDIS_TLS_CERT_FILE"),
+        help="client certificate (env REDIS_TLS_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--redis-key-file",
+        type=Path,
+        default=_env_path("REDIS_TLS_KEY_FILE"),
+        help="client key (env REDIS_TLS_KEY_FILE)",
+    )
+
+
+def _add_chroma(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chroma-dir",
+        type=Path,
+        default=_env_path("CHROMA_DIR"),
+        help="Chroma persist directory (env CHROMA_DIR)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rag-backup",
+        description="Encrypted, verified backups of PostgreSQL, Redis and the Chroma directory.",
+    )
+    parser.add_argument("--version", action="version", version=f"rag-backup {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backup = sub.add_parser(
+        "backup",
+        help="take a backup",
+        description="Dump, compress (zstd), encrypt and checksum every component.",
+    )
+    _add_common(backup)
+    _add_metrics(backup)
+    _add_pg(backup)
+    _add_redis(backup)
+    _add_chroma(backup)
+    backup.add_argument(
+        "--components",
+        type=_components("--components"),
+        default=os.environ.get("RAG_BACKUP_COMPONENTS", ",".join(ALL_COMPONENTS)),
+        help="comma list (default postgres,redis,chroma; env RAG_BACKUP_COMPONENTS)",
+    )
+    backup.add_argument(
+        "--zstd-level", type=_positive_int("--zstd-level"), default=3, help="zstd level (default 3)"
+    )
+    backup.add_argument(
+        "--zstd-threads",
+        type=_positive_int("--zstd-threads"),
+        default=0,
+        help="zstd threads (default 0 = one per core)",
+    )
+    backup.add_argument(
+        "--chroma-lock-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for Chroma's SQLite write lock (default 60)",
+    )
+    backup.add_argument("--verify", action="store_true", help="run verify on the new backup")
+
+    verify = sub.add_parser(
+        "verify",
+        help="decrypt and check a backup without restoring",
+        description="Check sizes, SHA-256, that every artifact is ciphertext, "
+        "and decrypt+decompress+parse every artifact.",
+    )
+    verify.add_argument("backup_id", nargs="?", metavar="ID", help="backup id (default: newest)")
+    _add_common(verify)
+
+    list_parser = sub.add_parser(
+        "list", help="list backups", description="List backups, newest first."
+    )
+    _add_common(list_parser)
+
+    restore = sub.add_parser(
+        "restore",
+        help="restore a backup over the live data",
+        description="Verify and stage the whole backup beside the targets, then swap it in, "
+        "keeping the previous data for rollback. Redis must be stopped first.",
+    )
+    restore.add_argument("backup_id", nargs="?", metavar="ID", help="backup id (default: newest)")
+    _add_common(restore)
+    _add_pg(restore)
+    _add_redis(restore)
+    _add_chroma(restore)
+    restore.add_argument(
+        "--components",
+        type=_components("--components"),
+        default=None,
+        help="comma list (default: every component in the backup)",
+    )
+    restore.add_argument(
+        "--pg-maintenance-db",
+        default="postgres",
+        help="database to connect to for CREATE/RENAME DATABASE (default postgres)",
+    )
+    restore.add_argument(
+        "--redis-data-dir",
+        type=Path,
+        default=_env_path("REDIS_DATA_DIR"),
+        help="data dir of the (stopped) redis server (env REDIS_DATA_DIR)",
+    )
+    restore.add_argument("--redis-dbfilename", default="dump.rdb", help="default dump.rdb")
+    restore.add_argument(
+        "--redis-appenddirname", default="appendonlydir", help="default appendonlydir"
+    )
+    restore.add_argument(
+        "--redis-server-cmd",
+        default="redis-server",
+        help="redis-server binary used to load the RDB and rewrite the AOF",
+    )
+    restore.add_argument(
+        "--staging-dir",
+        type=Path,
+        default=None,
+        help="where the PostgreSQL dump is staged (default: BACKUP_DIR)",
+    )
+    restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    drill = sub.add_parser(
+        "drill",
+        help="restore into throwaway instances and check",
+        description="Restore into a throwaway PostgreSQL, redis-server and temp dir, check row "
+        "counts, key count and SQLite integrity, and time it (RTO).",
+    )
+    drill.add_argument("backup_id", nargs="?", metavar="ID", help="backup id (default: newest)")
+    _add_common(drill)
+    _add_metrics(drill)
+    drill.add_argument(
+        "--pg-bin-dir",
+        type=Path,
+        default=_env_path("RAG_BACKUP_PG_BIN_DIR"),
+        help="PostgreSQL server binaries (default: PATH, /usr/lib/postgresql/15/bin)",
+    )
+    drill.add_argument("--redis-server-cmd", default="redis-server", help="redis-server binary")
+    drill.add_argument("--work-dir", type=Path, default=None, help="temp dir parent")
+    drill.add_argument(
+        "--jobs",
+        type=_positive_int("--jobs"),
+        default=os.cpu_count() or 2,
+        help="parallel pg_restore jobs",
+    )
+
+    prune = sub.add_parser(
+        "prune",
+        help="delete backups outside the retention policy",
+        description="Keep the newest backup of each of the last N days, weeks "
+        "and months; never delete the newest verified backup.",
+    )
+    _add_common(prune)
+    prune.add_argument(
+        "--keep-daily",
+        type=_positive_int("--keep-daily"),
+        default=int(os.environ.get("RAG_BACKUP_KEEP_DAILY", "7")),
+    )
+    prune.add_argument(
+        "--keep-weekly",
+        type=_positive_int("--keep-weekly"),
+        default=int(os.environ.get("RAG_BACKUP_KEEP_WEEKLY", "4")),
+    )
+    prune.add_argument(
+        "--keep-monthly",
+        type=_positive_int("--keep-monthly"),
+        default=int(os.environ.get("RAG_BACKUP_KEEP_MONTHLY", "6")),
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    return parser
+
+
+def _store(args: argparse.Namespace) -> BackupStore:
+    if args.backup_dir is None:
+        raise BackupError("BACKUP_DIR / --backup-dir is required")
+    return BackupStore(args.backup_dir)
+
+
+def _cipher(args: argparse.Namespace) -> CipherSettings:
+    return CipherSettings(
+        method=args.encryption,
+        key_file=args.key_file,
+        age_recipients_file=args.age_recipients_file,
+        age_identity_file=args.age_identity_file,
+    )
+
+
+def _pg(args: argparse.Namespace, required: bool) -> PostgresSettings | None:
+    if not args.pg_database:
+        if required:
+            raise BackupError("PGDATABASE / --pg-database is required for the postgres component")
+        return None
+    libpq = {name: os.environ[name] for name in LIBPQ_VARS if name in os.environ}
+    return PostgresSettings(database=args.pg_database, libpq_env=libpq, jobs=max(1, args.pg_jobs))
+
+
+def _redis(args: argparse.Namespace, required: bool) -> redis_ops.RedisSettings | None:
+    if not args.redis_url:
+        if required:
+            raise BackupError("REDIS_URL / --redis-url is required for the redis component")
+        return None
+    return redis_ops.RedisSettings.from_url(
+        args.redis_url,
+        password_file=args.redis_password_file,
+        ca_file=args.redis_ca_file,
+        cert_file=args.redis_cert_file,
+        key_file=args.redis_key_file,
+    )
+
+
+def _cmd_backup(args: argparse.Namespace, progress: Progress) -> int:
+    store = _store(args)
+    cipher = _cipher(args)
+    cipher.validate(need_encrypt=True, need_decrypt=args.verify)
+    components = tuple(args.components)
+    chroma_dir = args.chroma_dir
+    if "chroma" in components:
+        if chroma_dir is None:
+            raise BackupError("CHROMA_DIR / --chroma-dir is required for the chroma component")
+        if not chroma_dir.is_dir():
+            raise BackupError(f"CHROMA_DIR / --chroma-dir: {chroma_dir} is not a directory")
+    if not 1 <= args.zstd_level <= 19:
+        raise BackupError(f"--zstd-level: {args.zstd_level} is out of range; expected 1..19")
+    cfg = ops.BackupConfig(
+        store=store,
+        cipher=cipher,
+        components=components,
+        postgres=_pg(args, "postgres" in components),
+        redis=_redis(args, "redis" in components),
+        chroma_dir=chroma_dir,
+        zstd_level=args.zstd_level,
+        zstd_threads=args.zstd_threads,
+        chroma_lock_timeout_s=args.chroma_lock_timeout,
+        metrics_dir=args.metrics_dir,
+        verify_after=args.verify,
+    )
+    entry = ops.run_backup(cfg, progress)
+    print(entry.backup_id)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace, progress: Progress) -> int:
+    store = _store(args)
+    entry = store.get(args.backup_id)
+    ops.verify_backup(store, entry, _cipher(args), progress)
+    print(f"{entry.backup_id} verified")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace, progress: Progress) -> int:
+    for line in ops.list_backups(_store(args)):
+        print(line)
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
+    store = _store(args)
+    redis_target = None
+    if args.redis_data_dir is not None:
+        redis_target = RedisTarget(
+            data_dir=args.redis_data_dir,
+            dbfilename=args.redis_dbfilename,
+            appenddirname=args.redis_appenddirname,
+            server_cmd=args.redis_server_cmd,
+            live=_redis(args, required=False),
+        )
+    cfg = RestoreConfig(
+        store=store,
+        cipher=_cipher(args),
+        backup_id=args.backup_id,
+        components=args.components,
+        postgres=_pg(args, required=False),
+        maintenance_db=args.pg_maintenance_db,
+        redis=redis_target,
+        chroma_dir=args.chroma_dir,
+        staging_dir=args.staging_dir,
+        assume_yes=args.yes,
+    )
+    for line in run_restore(cfg, progress):
+        print(line)
+    return 0
+
+
+def _cmd_drill(args: argparse.Namespace, progress: Progress) -> int:
+    cfg = DrillConfig(
+        store=_store(args),
+        cipher=_cipher(args),
+        backup_id=args.backup_id,
+        pg_bin_dir=args.pg_bin_dir,
+        redis_server_cmd=args.redis_server_cmd,
+        work_dir=args.work_dir,
+        jobs=max(1, args.jobs),
+        metrics_dir=args.metrics_dir,
+    )
+    rto = run_drill(cfg, progress)
+    print(f"drill ok: restore time {rto:.2f}s")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace, progress: Progress) -> int:
+    policy = ops.RetentionPolicy(args.keep_daily, args.keep_weekly, args.keep_monthly)
+    removed = ops.prune(_store(args), policy, args.dry_run)
+    print(f"{'would delete' if args.dry_run else 'deleted'} {len(removed)} backup(s)")
+    return 0
+
+
+COMMANDS = {
+    "backup": _cmd_backup,
+    "verify": _cmd_verify,
+    "list": _cmd_list,
+    "restore": _cmd_restore,
+    "drill": _cmd_drill,
+    "prune": _cmd_prune,
+}
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"interrupted by signal {signal.Signals(signum).name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress = Progress(enabled=not args.quiet)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return COMMANDS[args.command](args, progress)
+    except BackupError as error:
+        kill_all_children()
+        print(f"rag-backup: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        kill_all_children()
+        print(f"rag-backup: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

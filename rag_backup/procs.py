@@ -1,0 +1,154 @@
+"""Child processes: argv lists (never shell strings), stderr kept in temp files so pipes
+cannot deadlock, and a registry so an interrupt can stop every child before cleaning up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+from rag_backup.errors import BackupError
+
+_live: set[subprocess.Popen[bytes]] = set()
+_live_lock = threading.Lock()
+
+
+class Proc:
+    """A started child with a name for messages and its stderr captured to a temp file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+        stdout: int | IO[bytes] | None = subprocess.PIPE,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.name = name
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self.popen: subprocess.Popen[bytes] = subprocess.Popen(
+                list(argv),
+                stdin=stdin,
+                stdout=stdout,
+                stderr=self._stderr,
+                env=dict(env) if env is not None else None,
+                **kwargs,
+            )
+        except OSError as error:
+            self._stderr.close()
+            raise BackupError(f"cannot run {argv[0]} for {name}: {error.strerror}") from error
+        with _live_lock:
+            _live.add(self.popen)
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.popen.stdout is not None
+        return self.popen.stdout
+
+    @property
+    def stdin(self) -> IO[bytes]:
+        assert self.popen.stdin is not None
+        return self.popen.stdin
+
+    def stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            code = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            self.kill()
+            raise BackupError(f"{self.name} did not finish within {timeout:.0f}s") from error
+        with _live_lock:
+            _live.discard(self.popen)
+        return code
+
+    def check(self, timeout: float | None = None) -> None:
+        code = self.wait(timeout)
+        if code != 0:
+            raise BackupError(f"{self.name} failed (exit {code}): {last_lines(self.stderr_text())}")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        with _live_lock:
+            _live.discard(self.popen)
+
+    def close(self) -> None:
+        self.kill()
+        for stream in (self.popen.stdin, self.popen.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._stderr.close()
+
+
+def last_lines(text: str, count: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-count:]) if lines else "(no message)"
+
+
+def kill_all_children() -> None:
+    """Stop every child still running (used on interrupt and on failure)."""
+    with _live_lock:
+        children = list(_live)
+    for child in children:
+        if child.poll() is None:
+            try:
+                child.kill()
+            except OSError:
+                pass
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def run(
+    name: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    input_bytes: bytes | None = None,
+    timeout: float = 600,
+    **kwargs: Any,
+) -> str:
+    """Run to completion; returns stdout as text; raises BackupError with stderr's tail."""
+    try:
+        result = subprocess.run(
+            list(argv),
+            input=input_bytes,
+            capture_output=True,
+            env=dict(env) if env is not None else None,
+            timeout=timeout,
+            check=False,
+            **kwargs,
+        )
+    except FileNotFoundError as error:
+        raise BackupError(
+            f"cannot run {argv[0]} for {name}: not installed or not on PATH"
+        ) from error
+    except subprocess.TimeoutExpired as error:
+        raise BackupError(f"{name} did not finish within {timeout:.0f}s") from error
+    if result.returncode != 0:
+        message = last_lines(result.stderr.decode(errors="replace"))
+        raise BackupError(f"{name} failed (exit {result.returncode}): {message}")
+    return result.stdout.decode(errors="replace")
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    if extra:
+        env.update(extra)
+    return env

@@ -1,0 +1,312 @@
+"""Redis: RDB over the replication protocol with redis-cli (TLS capable, password in
+REDISCLI_AUTH), and a private redis-server on a unix socket to load an RDB with AOF off, then
+turn AOF on and wait for the rewrite, so a server with ``appendonly yes`` starts with it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from rag_backup.errors import BackupError
+from rag_backup.procs import Proc, base_env, last_lines, run
+from rag_backup.streams import CHUNK
+
+RDB_EOF_MARK_SIZE = 40
+_KEYSPACE_LINE = re.compile(r"^db(\d+):keys=(\d+),expires=(\d+)")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None = field(repr=False)
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    cli: str = "redis-cli"
+
+    @staticmethod
+    def from_url(
+        url: str,
+        *,
+        password_file: Path | None,
+        ca_file: Path | None,
+        cert_file: Path | None,
+        key_file: Path | None,
+    ) -> RedisSettings:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+            raise BackupError(
+                "REDIS_URL / --redis-url: expected redis://host:port or rediss://host:port "
+                f"(got scheme {parsed.scheme!r})"
+            )
+        try:
+            port = parsed.port or 6379
+        except ValueError as error:
+            raise BackupError("REDIS_URL / --redis-url: the port is not a number") from error
+        password = urllib.parse.unquote(parsed.password) if parsed.password else None
+        if password_file is not None:
+            try:
+                password = password_file.read_text().strip()
+            except OSError as error:
+                raise BackupError(
+                    f"--redis-password-file / REDIS_PASSWORD_FILE: cannot read {password_file}"
+                ) from error
+        for option, path in (
+            ("--redis-ca-file / REDIS_TLS_CA_FILE", ca_file),
+            ("--redis-cert-file / REDIS_TLS_CERT_FILE", cert_file),
+            ("--redis-key-file / REDIS_TLS_KEY_FILE", key_file),
+        ):
+            if path is not None and not path.is_file():
+                raise BackupError(f"{option}: {path} is not a readable file")
+        username = urllib.parse.unquote(parsed.username) if parsed.username else None
+        return RedisSettings(
+            host=parsed.hostname,
+            port=port,
+            tls=parsed.scheme == "rediss",
+            username=username or None,
+            password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
+
+    def describe(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}"
+
+    def cli_argv(self) -> list[str]:
+        argv = [self.cli, "-h", self.host, "-p", str(self.port), "--no-auth-warning"]
+        if self.tls:
+            argv.append("--tls")
+            if self.ca_file:
+                argv += ["--cacert", str(self.ca_file)]
+            if self.cert_file:
+                argv += ["--cert", str(self.cert_file)]
+            if self.key_file:
+                argv += ["--key", str(self.key_file)]
+        if self.username:
+            argv += ["--user", self.username]
+        return argv
+
+    def env(self) -> dict[str, str]:
+        # redis-cli reads the password from REDISCLI_AUTH: never on argv.
+        extra = {"REDISCLI_AUTH": self.password} if self.password else {}
+        env = base_env(extra)
+        if not self.password:
+            env.pop("REDISCLI_AUTH", None)
+        return env
+
+
+def parse_keyspace(info: str) -> dict[str, dict[str, int]]:
+    result = {}
+    for line in info.splitlines():
+        match = _KEYSPACE_LINE.match(line.strip())
+        if match:
+            result[match[1]] = {"keys": int(match[2]), "expires": int(match[3])}
+    return result
+
+
+def total_keys(keyspace: dict[str, dict[str, int]]) -> int:
+    return sum(db["keys"] for db in keyspace.values())
+
+
+def remote_keyspace(settings: RedisSettings) -> dict[str, dict[str, int]]:
+    out = run(
+        "redis-cli INFO", [*settings.cli_argv(), "INFO", "keyspace"], env=settings.env(), timeout=60
+    )
+    if out.startswith(("ERR", "NOAUTH", "WRONGPASS")) or "# Keyspace" not in out:
+        raise BackupError(f"redis at {settings.describe()} refused INFO: {last_lines(out, 1)}")
+    return parse_keyspace(out)
+
+
+def remote_answers(settings: RedisSettings) -> bool:
+    result = subprocess.run(
+        [*settings.cli_argv(), "PING"],
+        env=settings.env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def start_rdb_transfer(settings: RedisSettings) -> Proc:
+    return Proc("redis-cli --rdb", [*settings.cli_argv(), "--rdb", "-"], env=settings.env())
+
+
+def rdb_feeder(cli: Proc) -> object:
+    """Copy redis-cli's RDB to the compressor, dropping the 40-byte EOF mark that a diskless
+    transfer appends (redis-cli can only truncate it from a file, not from stdout)."""
+
+    def feed(out: IO[bytes]) -> None:
+        tail = b""
+        total = 0
+        while True:
+            chunk = cli.stdout.read(CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            data = tail + chunk
+            if len(data) > RDB_EOF_MARK_SIZE:
+                out.write(data[:-RDB_EOF_MARK_SIZE])
+                tail = data[-RDB_EOF_MARK_SIZE:]
+            else:
+                tail = data
+        cli.check(timeout=600)
+        match = re.search(r"after (\d+) bytes", cli.stderr_text())
+        if not match:
+            raise BackupError(
+                f"redis-cli --rdb did not confirm the transfer: {last_lines(cli.stderr_text())}"
+            )
+        rdb_size = int(match[1])
+        if total == rdb_size + RDB_EOF_MARK_SIZE:
+            return
+        if total == rdb_size:
+            out.write(tail)
+            return
+        raise BackupError(
+            f"redis-cli --rdb sent {total} bytes but reported an RDB of {rdb_size} bytes"
+        )
+
+    return feed
+
+
+class LocalRedis:
+    """A private redis-server on a unix socket (no TCP) over a given data directory."""
+
+    def __init__(
+        self,
+        server_cmd: str,
+        data_dir: Path,
+        *,
+        dbfilename: str,
+        appenddirname: str,
+        appendonly: bool,
+        timeout_s: float = 600,
+    ) -> None:
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="rag-redis-"))
+        self.socket = self._sock_dir / "redis.sock"
+        self.data_dir = data_dir
+        argv = [
+            server_cmd,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(data_dir),
+            "--dbfilename",
+            dbfilename,
+            "--appenddirname",
+            appenddirname,
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
+        self.proc = Proc("redis-server (restore)", argv, stdout=subprocess.DEVNULL)
+        try:
+            self._wait_loaded(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        env = base_env()
+        env.pop("REDISCLI_AUTH", None)
+        return run(
+            "redis-cli", ["redis-cli", "-s", str(self.socket), *args], env=env, timeout=timeout
+        )
+
+    def info(self, section: str) -> dict[str, str]:
+        values = {}
+        for line in self.cli("INFO", section).splitlines():
+            if ":" in line and not line.startswith("#"):
+                key, _, value = line.strip().partition(":")
+                values[key] = value
+        return values
+
+    def _wait_loaded(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.popen.poll() is not None:
+                raise BackupError(
+                    f"redis-server could not load the data: {last_lines(self.proc.stderr_text())}"
+                )
+            if self.socket.exists():
+                try:
+                    if self.info("persistence").get("loading") == "0":
+                        return
+                except BackupError:
+                    pass
+            time.sleep(0.05)
+        raise BackupError(f"redis-server did not finish loading within {timeout_s:.0f}s")
+
+    def keyspace(self) -> dict[str, dict[str, int]]:
+        return parse_keyspace(self.cli("INFO", "keyspace"))
+
+    def enable_aof_and_wait(self, timeout_s: float = 3600) -> None:
+        """CONFIG SET appendonly yes starts an AOF rewrite from memory; wait until it is on
+        disk and the server reports AOF as on and healthy."""
+        reply = self.cli("CONFIG", "SET", "appendonly", "yes").strip()
+        if reply != "OK":
+            raise BackupError(f"redis CONFIG SET appendonly yes failed: {reply}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.info("persistence")
+            if (
+                info.get("aof_enabled") == "1"
+                and info.get("aof_rewrite_in_progress") == "0"
+                and info.get("aof_rewrite_scheduled") == "0"
+            ):
+                if info.get("aof_last_bgrewrite_status") != "ok":
+                    raise BackupError("redis AOF rewrite failed; see the redis-server log")
+                return
+            time.sleep(0.05)
+        raise BackupError(f"redis AOF rewrite did not finish within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc.popen.poll() is None:
+            try:
+                self.cli("SHUTDOWN", "NOSAVE", timeout=60)
+            except BackupError:
+                pass  # SHUTDOWN closes the connection; the wait below is what counts
+            try:
+                self.proc.wait(timeout=60)
+            except BackupError:
+                self.proc.kill()
+        self.proc.close()
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+
+def check_rdb_file(path: Path, checker: str = "redis-check-rdb") -> None:
+    with open(path, "rb") as handle:
+        if handle.read(5) != b"REDIS":
+            raise BackupError(f"{path.name}: not an RDB file (no REDIS header)")
+    if shutil.which(checker):
+        out = run("redis-check-rdb", [checker, str(path)], timeout=3600)
+        if "RDB looks OK" not in out:
+            raise BackupError(f"redis-check-rdb rejected {path.name}: {last_lines(out, 2)}")
+
+
+def keys_within_backup_range(component: dict[str, object], restored: int) -> bool:
+    """The RDB was taken between two INFO keyspace readings; keys with a TTL may expire."""
+    before = int(component["keys_before"])  # type: ignore[call-overload]
+    after = int(component["keys_after"])  # type: ignore[call-overload]
+    expiring = max(int(component["expires_before"]), int(component["expires_after"]))  # type: ignore[call-overload]
+    return min(before, after) - expiring <= restored <= max(before, after)

@@ -1,0 +1,217 @@
+"""Streaming pipelines: producer | zstd | encrypt -> file (hashed while written), and
+encrypted file -> decrypt | zstd -d -> consumer. Plaintext only ever sits in pipes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from rag_backup.crypto import Cipher
+from rag_backup.errors import BackupError
+from rag_backup.procs import Proc, last_lines
+from rag_backup.progress import Progress
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    name: str
+    size: int  # bytes of the encrypted file
+    sha256: str  # of the encrypted file
+    kind: str  # what the plaintext is: pg_dump_custom, redis_rdb, tar
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+
+
+def zstd_compress_argv(level: int, threads: int) -> list[str]:
+    return ["zstd", "-q", f"-{level}", f"-T{threads}", "-c", "-"]
+
+
+Feeder = Callable[[IO[bytes]], None]
+
+
+def write_encrypted(
+    *,
+    name: str,
+    kind: str,
+    out_path: Path,
+    cipher: Cipher,
+    zstd_level: int,
+    zstd_threads: int,
+    progress: Progress,
+    producer: Proc | None = None,
+    feeder: Feeder | None = None,
+) -> ArtifactRecord:
+    """Compress and encrypt one stream into ``out_path`` (must not exist).
+
+    The plaintext comes from ``producer``'s stdout (wired straight into zstd) or is written by
+    ``feeder`` into zstd's stdin from a thread. The file is hashed as it is written and
+    fsynced before this returns.
+    """
+    if (producer is None) == (feeder is None):
+        raise ValueError("exactly one of producer and feeder")
+    procs: list[Proc] = []
+    feed_errors: list[BaseException] = []
+    feed_thread: threading.Thread | None = None
+    try:
+        if producer is not None:
+            zstd = Proc(
+                f"zstd ({name})",
+                zstd_compress_argv(zstd_level, zstd_threads),
+                stdin=producer.stdout,
+            )
+            producer.stdout.close()  # zstd holds the pipe now; EOF/SIGPIPE propagate
+        else:
+            zstd = Proc(
+                f"zstd ({name})",
+                zstd_compress_argv(zstd_level, zstd_threads),
+                stdin=subprocess.PIPE,
+            )
+        procs.append(zstd)
+        encrypt = Proc(f"encryption ({name})", cipher.encrypt_argv(), stdin=zstd.stdout)
+        procs.append(encrypt)
+        zstd.stdout.close()
+
+        if feeder is not None:
+
+            def feed() -> None:
+                try:
+                    assert feeder is not None
+                    feeder(zstd.stdin)
+                except BaseException as error:
+                    feed_errors.append(error)
+                finally:
+                    try:
+                        zstd.stdin.close()
+                    except OSError:
+                        pass
+
+            feed_thread = threading.Thread(target=feed, name=f"feed-{name}", daemon=True)
+            feed_thread.start()
+
+        digest = hashlib.sha256()
+        size = 0
+        task = progress.task(f"{name}: encrypted")
+        try:
+            with open(out_path, "xb") as out:
+                while True:
+                    chunk = encrypt.stdout.read(CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    task.update(size)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as error:
+            raise BackupError(f"writing {out_path} failed: {error.strerror or error}") from error
+        finally:
+            task.done(size)
+        if feed_thread is not None:
+            feed_thread.join()
+        if feed_errors:
+            error = feed_errors[0]
+            if isinstance(error, BackupError):
+                raise error
+            raise BackupError(f"reading data for {name} failed: {error}") from error
+        if producer is not None:
+            producer.check()
+        zstd.check()
+        encrypt.check()
+        return ArtifactRecord(name=name, size=size, sha256=digest.hexdigest(), kind=kind)
+    finally:
+        for proc in procs:
+            proc.close()
+        if producer is not None:
+            producer.close()
+
+
+def file_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class DecryptFailed(BackupError):
+    """Decryption or decompression failed; the message says which and why."""
+
+
+@contextmanager
+def decrypted_stream(cipher: Cipher, path: Path, name: str) -> Iterator[IO[bytes]]:
+    """Yield the decrypted, decompressed plaintext of ``path`` as a readable pipe.
+
+    The consumer must read to EOF. On leaving, both processes are checked and a failure is
+    raised as DecryptFailed with a reason (wrong key, truncated, corrupted)."""
+    decrypt = Proc(f"decryption ({name})", cipher.decrypt_argv(path))
+    zstd = Proc(f"zstd -d ({name})", ["zstd", "-q", "-d", "-c", "-"], stdin=decrypt.stdout)
+    decrypt.stdout.close()
+    consumer_error: BaseException | None = None
+    try:
+        yield zstd.stdout
+    except BaseException as error:
+        consumer_error = error
+    finally:
+        # Drain so the producers are not blocked on a full pipe, then judge them.
+        if consumer_error is None:
+            while zstd.stdout.read(CHUNK):
+                pass
+        else:
+            zstd.kill()
+            decrypt.kill()
+        decrypt_code = decrypt.wait(timeout=3600)
+        zstd_code = zstd.wait(timeout=3600)
+        decrypt_err = decrypt.stderr_text()
+        zstd_err = zstd.stderr_text()
+        decrypt.close()
+        zstd.close()
+    if consumer_error is not None:
+        if decrypt_code not in (0, None) and decrypt_code > 0:
+            raise DecryptFailed(
+                f"{name}: {cipher.explain_decrypt_failure(decrypt_err)}"
+            ) from consumer_error
+        raise consumer_error
+    if decrypt_code != 0:
+        raise DecryptFailed(f"{name}: {cipher.explain_decrypt_failure(decrypt_err)}")
+    if zstd_code != 0:
+        raise DecryptFailed(
+            f"{name}: corrupted: the compressed data is damaged ({last_lines(zstd_err, 1)})"
+        )
+
+
+def copy_stream(
+    source: IO[bytes], target: IO[bytes], progress_label: str, progress: Progress
+) -> int:
+    total = 0
+    task = progress.task(progress_label)
+    try:
+        while True:
+            chunk = source.read(CHUNK)
+            if not chunk:
+                return total
+            target.write(chunk)
+            total += len(chunk)
+            task.update(total)
+    finally:
+        task.done(total)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,161 @@
+"""Seeding and snapshotting the three data stores, and running the CLI as a process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.servers import PostgresServer, RedisServer
+
+REPO = Path(__file__).resolve().parents[2]
+DATABASE = "rag_feedback"
+CLI_TIMEOUT_S = 180
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rag_backup", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rag_backup", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def seed_postgres(server: PostgresServer, rows: int = 2000) -> None:
+    server.psql(f"CREATE DATABASE {DATABASE}")
+    server.psql(
+        f"""
+        CREATE TABLE feedback (
+            id serial PRIMARY KEY, question text NOT NULL, answer text, rating int,
+            created_at timestamptz NOT NULL DEFAULT '2025-01-01T00:00:00Z'
+        );
+        CREATE INDEX feedback_rating ON feedback (rating);
+        CREATE TABLE chunks (id bigint PRIMARY KEY, doc text, embedding float8[], raw bytea);
+        CREATE SCHEMA audit;
+        CREATE TABLE audit."Event Log" (id int, note text);
+        INSERT INTO feedback (question, answer, rating)
+          SELECT 'question ' || g, repeat('answer ' || g, 3), g % 5 FROM generate_series(1, {rows}) g;
+        INSERT INTO chunks
+          SELECT g, 'doc-' || g, ARRAY[g * 0.5, g * 0.25, -g], decode(md5(g::text), 'hex')
+          FROM generate_series(1, {rows // 2}) g;
+        INSERT INTO audit."Event Log" VALUES (1, 'quoted names survive'), (2, NULL);
+        """,
+        database=DATABASE,
+    )
+
+
+def pg_snapshot(server: PostgresServer, database: str = DATABASE) -> dict[str, str]:
+    """Every user table's full content, ordered, as text (independent of rag_backup)."""
+    tables = [t for t in server.psql(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+        database=database,
+    ).splitlines() if t]
+    return {
+        table: server.psql(f"SELECT t::text FROM {table} t ORDER BY t::text", database=database)
+        for table in tables
+    }
+
+
+def seed_redis(server: RedisServer, keys: int = 300) -> None:
+    client: Any = server.client()
+    for i in range(keys):
+        client.set(f"cache:{i}", f"value-{i}" * 3)
+    client.hset("session:1", mapping={"user": "ann", "turns": "3"})
+    client.rpush("queue", *[f"job-{i}" for i in range(20)])
+    client.sadd("tags", "a", "b", "c")
+    client.zadd("scores", {"x": 1.5, "y": 2.5})
+    client.set("binary", bytes(range(256)))
+    client.set("long-lived", "ttl", ex=86400)
+    client.select(3)
+    client.set("other-db", "db3")
+
+
+def redis_snapshot(server: RedisServer) -> dict[str, Any]:
+    client: Any = server.client()
+    result: dict[str, Any] = {}
+    for db in (0, 3):
+        client.select(db)
+        for key in sorted(client.keys("*")):
+            kind = client.type(key).decode()
+            value: Any
+            if kind == "string":
+                value = client.get(key)
+            elif kind == "hash":
+                value = sorted(client.hgetall(key).items())
+            elif kind == "list":
+                value = client.lrange(key, 0, -1)
+            elif kind == "set":
+                value = sorted(client.smembers(key))
+            elif kind == "zset":
+                value = client.zrange(key, 0, -1, withscores=True)
+            else:
+                value = kind
+            result[f"{db}/{key.decode(errors='replace')}"] = (kind, value, client.ttl(key) > 0)
+    client.select(0)
+    return result
+
+
+def seed_chroma(directory: Path, rows: int = 500) -> None:
+    directory.mkdir(parents=True)
+    conn = sqlite3.connect(directory / "chroma.sqlite3")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE embeddings (id INTEGER PRIMARY KEY, doc TEXT, vector BLOB)")
+    rng = random.Random(7)
+    conn.executemany(
+        "INSERT INTO embeddings VALUES (?, ?, ?)",
+        [(i, f"chunk {i}", rng.randbytes(64)) for i in range(rows)],
+    )
+    conn.commit()
+    conn.close()
+    for segment in ("3f1c-segment", "9a7e-segment"):
+        seg = directory / segment
+        seg.mkdir()
+        (seg / "data_level0.bin").write_bytes(rng.randbytes(40_000))
+        (seg / "header.bin").write_bytes(rng.randbytes(100))
+        (seg / "link_lists.bin").write_bytes(b"")
+        (seg / "index_metadata.pickle").write_bytes(rng.randbytes(500))
+
+
+def tree_snapshot(directory: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file (directories as 'dir')."""
+    if not directory.exists():
+        return {}
+    result = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        if path.is_dir():
+            result[rel] = "dir"
+        else:
+            result[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return result
+
+
+def chroma_rows(directory: Path) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(directory / "chroma.sqlite3")
+    try:
+        return conn.execute("SELECT * FROM embeddings ORDER BY id").fetchall()
+    finally:
+        conn.close()
