@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from pathlib import Path
 from rag_backup.metrics import BACKUP_FILE, DRILL_FILE, read_samples, write_atomic
 
 SCHEDULER_FILE = "rag_backup_scheduler.prom"
+# Written by its own thread every HEARTBEAT_SECONDS, also while a long job runs.
+HEARTBEAT_FILE = "rag_backup_scheduler_heartbeat.prom"
+HEARTBEAT_SECONDS = 30
 # The scheduler's own record of attempts (node_exporter reads only *.prom): a job that
 # crashes before writing its metrics is still not retried in a loop.
 STATE_FILE = ".rag_backup_scheduler_state.json"
@@ -126,9 +130,6 @@ def write_scheduler_metrics(
     metrics_dir: Path, now: dt.datetime, schedule: Schedule, results: dict[str, bool]
 ) -> None:
     lines = [
-        "# HELP rag_backup_scheduler_heartbeat_timestamp_seconds Last scheduler loop.",
-        "# TYPE rag_backup_scheduler_heartbeat_timestamp_seconds gauge",
-        f"rag_backup_scheduler_heartbeat_timestamp_seconds {now.timestamp():.0f}",
         "# HELP rag_backup_next_run_timestamp_seconds Next planned run per job.",
         "# TYPE rag_backup_next_run_timestamp_seconds gauge",
         f'rag_backup_next_run_timestamp_seconds{{job="backup"}} '
@@ -191,11 +192,29 @@ def run_pending(
     return results
 
 
+def write_heartbeat(metrics_dir: Path, now: float) -> None:
+    write_atomic(
+        metrics_dir / HEARTBEAT_FILE,
+        "# HELP rag_backup_scheduler_heartbeat_timestamp_seconds The scheduler is alive.\n"
+        "# TYPE rag_backup_scheduler_heartbeat_timestamp_seconds gauge\n"
+        f"rag_backup_scheduler_heartbeat_timestamp_seconds {now:.0f}\n",
+    )
+
+
 def check_heartbeat(metrics_dir: Path, now: float) -> bool:
-    beat = read_samples(metrics_dir / SCHEDULER_FILE).get(
+    beat = read_samples(metrics_dir / HEARTBEAT_FILE).get(
         ("rag_backup_scheduler_heartbeat_timestamp_seconds", None)
     )
     return beat is not None and now - beat <= HEARTBEAT_MAX_AGE_SECONDS
+
+
+def _beat_forever(metrics_dir: Path) -> None:
+    while True:
+        try:
+            write_heartbeat(metrics_dir, time.time())
+        except OSError as exc:  # a full disk must not kill the scheduler; health shows it
+            print(f"rag-backup-schedule: heartbeat not written: {exc}", flush=True)
+        time.sleep(HEARTBEAT_SECONDS)
 
 
 def _now() -> dt.datetime:
@@ -233,9 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.once:
         results = run_pending(schedule, args.metrics_dir, _now())
         return 0 if all(results.values()) else 1
+    threading.Thread(target=_beat_forever, args=(args.metrics_dir,), daemon=True).start()
     while True:
         run_pending(schedule, args.metrics_dir, _now())
-        time.sleep(60)  # slots are minutes; the heartbeat stays fresh
+        time.sleep(60)  # slots are whole minutes
 
 
 if __name__ == "__main__":

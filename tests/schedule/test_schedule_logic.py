@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,9 +21,11 @@ from rag_backup.schedule import (
     due_jobs,
     main,
     run_pending,
+    write_heartbeat,
 )
 
 UTC = dt.UTC
+REPO = Path(__file__).resolve().parents[2]
 SCHEDULE = Schedule.parse("03:00", "sun", "04:30")
 
 
@@ -95,7 +102,7 @@ def test_backup_runs_verify_then_prune_and_stops_at_a_failure(tmp_path: Path) ->
 
 def test_healthcheck_follows_the_heartbeat(tmp_path: Path) -> None:
     now = at("2026-11-25T05:00")
-    run_pending(SCHEDULE, tmp_path, now, lambda args: 0)
+    write_heartbeat(tmp_path, now.timestamp())
     assert check_heartbeat(tmp_path, now.timestamp() + 60)
     assert not check_heartbeat(tmp_path, now.timestamp() + 3600)
     assert not check_heartbeat(tmp_path / "missing", now.timestamp())
@@ -103,5 +110,29 @@ def test_healthcheck_follows_the_heartbeat(tmp_path: Path) -> None:
 
 def test_check_mode_exit_codes(tmp_path: Path) -> None:
     assert main(["--check", "--metrics-dir", str(tmp_path)]) == 1
-    run_pending(SCHEDULE, tmp_path, dt.datetime.now(UTC), lambda args: 0)
+    write_heartbeat(tmp_path, time.time())
     assert main(["--check", "--metrics-dir", str(tmp_path)]) == 0
+
+
+def test_the_loop_beats_while_a_long_job_runs(tmp_path: Path) -> None:
+    """The healthcheck stays green during a backup longer than its max age."""
+    env = {**os.environ, "RAG_BACKUP_METRICS_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    # A stand-in rag_backup that takes long: the scheduler's child is a python -m call.
+    fake = tmp_path / "fake"
+    (fake / "rag_backup").mkdir(parents=True)
+    (fake / "rag_backup" / "__init__.py").write_text("")
+    (fake / "rag_backup" / "__main__.py").write_text("import time; time.sleep(30)\n")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "rag_backup" / "schedule.py")],
+        env={**env, "PYTHONPATH": f"{REPO}"},
+        cwd=fake,
+        start_new_session=True,  # so the sleeping child goes too
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not check_heartbeat(tmp_path, time.time()):
+            time.sleep(0.2)
+        assert check_heartbeat(tmp_path, time.time())
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
