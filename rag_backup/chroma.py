@@ -113,15 +113,15 @@ def snapshot_feeder(
                         raise BackupError(f"CHROMA_DIR: {rel} is not a regular file or directory")
                     info = tar.gettarinfo(str(path), arcname=rel)
                     with open(path, "rb") as handle:
-                        reader = _HashingReader(handle)
-                        tar.addfile(info, reader)  # type: ignore[arg-type]
+                        hashing = _HashingReader(handle)
+                        tar.addfile(info, hashing)
                     after = path.stat()
                     if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                         raise BackupError(
                             f"CHROMA_DIR: {rel} changed while it was copied; a writer is running "
                             "(stop the api during the backup)"
                         )
-                    records.append(FileRecord(rel, reader.size, reader.digest.hexdigest()))
+                    records.append(FileRecord(rel, hashing.size, hashing.digest.hexdigest()))
         finally:
             if lock_conn is not None:
                 if lock_conn.in_transaction:

@@ -7,7 +7,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -47,7 +47,7 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _positive_int(option: str):  # type: ignore[no-untyped-def]
+def _positive_int(option: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -60,7 +60,7 @@ def _positive_int(option: str):  # type: ignore[no-untyped-def]
     return parse
 
 
-def _components(option: str):  # type: ignore[no-untyped-def]
+def _components(option: str) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(part.strip() for part in text.split(",") if part.strip())
         unknown = [n for n in names if n not in ALL_COMPONENTS]

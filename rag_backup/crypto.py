@@ -162,7 +162,7 @@ class Cipher:
                 return "corrupted: not a valid OpenPGP message"
             if "unexpected eof" in text or "premature" in text or "truncated" in text:
                 return "truncated: the encrypted data ends early"
-            if "mdc" in text or "modification" in text or "integrity" in text:
+            if "manipulated" in text or "mdc" in text or "integrity" in text:
                 return "corrupted: the integrity check (MDC) of the encrypted data failed"
         else:
             if "no identity matched" in text:

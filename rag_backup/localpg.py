@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rag_backup.errors import BackupError
 from rag_backup.pg import PostgresSettings, psql_value
@@ -32,7 +33,7 @@ def find_server_bin_dir(explicit: Path | None) -> Path:
     )
 
 
-def _run_as() -> dict[str, object]:
+def _run_as() -> dict[str, Any]:
     if os.geteuid() == 0:
         return {"user": "postgres", "group": "postgres", "extra_groups": []}
     return {}
@@ -64,7 +65,7 @@ class LocalPostgres:
                     "--no-sync",
                 ],
                 timeout=300,
-                **run_as,  # type: ignore[arg-type]
+                **run_as,
             )
             self.proc = Proc(
                 "postgres (drill)",
@@ -89,7 +90,7 @@ class LocalPostgres:
                     f"max_parallel_maintenance_workers={max(1, jobs)}",
                 ],
                 stdout=subprocess.DEVNULL,
-                **run_as,  # type: ignore[arg-type]
+                **run_as,
             )
             self.settings = PostgresSettings(
                 database="postgres",

@@ -3,6 +3,7 @@ restore into a fresh database, and the rename swap that keeps the old one for ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -53,14 +54,13 @@ class PsqlSession:
             [settings.tool("psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"],
             stdin=subprocess.PIPE,
             env=settings.env(database),
-            text=True,
         )
 
     def query(self, sql: str) -> list[str]:
         stdin, stdout = self.proc.popen.stdin, self.proc.popen.stdout
         assert stdin is not None and stdout is not None
         try:
-            stdin.write(f"{sql.strip().rstrip(';')};\n\\echo {SENTINEL}\n")  # type: ignore[arg-type]
+            stdin.write(f"{sql.strip().rstrip(';')};\n\\echo {SENTINEL}\n".encode())
             stdin.flush()
         except BrokenPipeError as error:
             raise BackupError(f"psql failed: {last_lines(self.proc.stderr_text())}") from error
@@ -70,7 +70,7 @@ class PsqlSession:
             if not line:
                 self.proc.wait(timeout=30)
                 raise BackupError(f"psql failed: {last_lines(self.proc.stderr_text())}")
-            text = str(line).rstrip("\n")
+            text = line.decode().rstrip("\n")
             if text == SENTINEL:
                 return lines
             lines.append(text)
@@ -79,14 +79,12 @@ class PsqlSession:
         stdin = self.proc.popen.stdin
         if stdin is not None and self.proc.popen.poll() is None:
             try:
-                stdin.write("COMMIT;\n")  # type: ignore[arg-type]
+                stdin.write(b"COMMIT;\n")
                 stdin.close()
             except OSError:
                 pass
-            try:
+            with contextlib.suppress(BackupError):
                 self.proc.wait(timeout=30)
-            except BackupError:
-                pass
         self.proc.close()
 
 
@@ -103,8 +101,9 @@ def psql_value(settings: PostgresSettings, sql: str, database: str) -> str:
 def row_counts_sql(tables: list[str]) -> str:
     if not tables:
         return "SELECT '{}'::json"
-    parts = [f"SELECT {quote_literal(t)} AS t, count(*) AS n FROM {t}" for t in tables]
-    return f"SELECT json_object_agg(t, n) FROM ({' UNION ALL '.join(parts)}) s"
+    # Table names come from pg_class already quoted by format(%I); literals are escaped.
+    parts = [f"SELECT {quote_literal(t)} AS t, count(*) AS n FROM {t}" for t in tables]  # noqa: S608
+    return f"SELECT json_object_agg(t, n) FROM ({' UNION ALL '.join(parts)}) s"  # noqa: S608
 
 
 def row_counts(settings: PostgresSettings, database: str) -> dict[str, int]:
@@ -177,7 +176,7 @@ def restore_dump(
 def database_exists(settings: PostgresSettings, maintenance_db: str, name: str) -> bool:
     value = psql_value(
         settings,
-        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}",
+        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}",  # noqa: S608
         maintenance_db,
     )
     return value == "1"
@@ -199,7 +198,7 @@ def rename_database(
     """Rename ``old`` to ``new``, terminating sessions on ``old`` first (retrying while
     clients reconnect)."""
     sql = (
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "  # noqa: S608
         f"WHERE datname = {quote_literal(old)} AND pid <> pg_backend_pid()"
     )
     last: BackupError | None = None

@@ -3,6 +3,7 @@ cannot deadlock, and a registry so an interrupt can stop every child before clea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -30,7 +31,7 @@ class Proc:
         **kwargs: Any,
     ) -> None:
         self.name = name
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         try:
             self.popen: subprocess.Popen[bytes] = subprocess.Popen(
                 list(argv),
@@ -86,10 +87,8 @@ class Proc:
         self.kill()
         for stream in (self.popen.stdin, self.popen.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
         self._stderr.close()
 
 
@@ -104,15 +103,11 @@ def kill_all_children() -> None:
         children = list(_live)
     for child in children:
         if child.poll() is None:
-            try:
+            with contextlib.suppress(OSError):
                 child.kill()
-            except OSError:
-                pass
     for child in children:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def run(

@@ -4,6 +4,7 @@ turn AOF on and wait for the rewrite, so a server with ``appendonly yes`` starts
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -282,10 +283,9 @@ class LocalRedis:
 
     def stop(self) -> None:
         if self.proc.popen.poll() is None:
-            try:
+            # SHUTDOWN closes the connection (an error for redis-cli); the wait is what counts.
+            with contextlib.suppress(BackupError):
                 self.cli("SHUTDOWN", "NOSAVE", timeout=60)
-            except BackupError:
-                pass  # SHUTDOWN closes the connection; the wait below is what counts
             try:
                 self.proc.wait(timeout=60)
             except BackupError:

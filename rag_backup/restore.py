@@ -214,7 +214,8 @@ def _stage_all(
             _decrypt_to_file(cipher, entry, "postgres", dump_file, progress)
             if pg.database_exists(pg_settings, cfg.maintenance_db, staged.pg_new_db):
                 raise BackupError(
-                    f"database {staged.pg_new_db} already exists (an earlier restore?); drop it first"
+                    f"database {staged.pg_new_db} already exists (an earlier restore?); "
+                    "drop it first"
                 )
             pg.create_database(pg_settings, cfg.maintenance_db, staged.pg_new_db)
             log(f"postgres: restoring into new database {staged.pg_new_db}")
@@ -424,7 +425,6 @@ class DrillConfig:
 
 def run_drill(cfg: DrillConfig, progress: Progress) -> float:
     """Returns the measured restore time (RTO) in seconds."""
-    run_started = time.time()
     success = False
     duration: float | None = None
     entry: BackupEntry | None = None

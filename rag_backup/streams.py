@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -91,10 +91,8 @@ def write_encrypted(
                 except BaseException as error:
                     feed_errors.append(error)
                 finally:
-                    try:
+                    with suppress(OSError):
                         zstd.stdin.close()
-                    except OSError:
-                        pass
 
             feed_thread = threading.Thread(target=feed, name=f"feed-{name}", daemon=True)
             feed_thread.start()
@@ -121,10 +119,10 @@ def write_encrypted(
         if feed_thread is not None:
             feed_thread.join()
         if feed_errors:
-            error = feed_errors[0]
-            if isinstance(error, BackupError):
-                raise error
-            raise BackupError(f"reading data for {name} failed: {error}") from error
+            first = feed_errors[0]
+            if isinstance(first, BackupError):
+                raise first
+            raise BackupError(f"reading data for {name} failed: {first}") from first
         if producer is not None:
             producer.check()
         zstd.check()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.tooling import require_tool
 
@@ -120,7 +121,7 @@ class PostgresServer:
             shutil.rmtree(self.root_dir, ignore_errors=True)
 
 
-def _postgres_run_kwargs() -> dict[str, object]:
+def _postgres_run_kwargs() -> dict[str, Any]:
     if os.geteuid() == 0:
         return {"user": "postgres", "group": "postgres", "extra_groups": []}
     return {}
@@ -130,7 +131,7 @@ def start_postgres(
     base_dir: Path | None = None,
     *,
     user: str = "postgres",
-    password: str = "test-pg-password",
+    password: str = "test-pg-password",  # noqa: S107 - a throwaway test server
     settings: Mapping[str, str] | None = None,
     initdb_args: Sequence[str] = (),
 ) -> PostgresServer:
@@ -144,7 +145,7 @@ def start_postgres(
     initdb = require_tool("initdb")
     require_tool("psql")
     root_dir = Path(tempfile.mkdtemp(prefix="rag-test-pg-"))
-    os.chmod(root_dir, 0o755)
+    os.chmod(root_dir, 0o755)  # noqa: S103 - the postgres user must traverse it
     run_as = _postgres_run_kwargs()
     data_dir = root_dir / "data"
     pwfile = root_dir / "initdb-pw"
@@ -171,7 +172,7 @@ def start_postgres(
         text=True,
         timeout=120,
         check=False,
-        **run_as,  # type: ignore[arg-type]
+        **run_as,
     )
     pwfile.unlink()
     if init.returncode != 0:
@@ -208,7 +209,7 @@ def start_postgres(
                 args,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                **run_as,  # type: ignore[arg-type]
+                **run_as,
             )
         try:
             _wait_port("127.0.0.1", port, proc, log)
@@ -396,7 +397,7 @@ class RedisServer:
 def start_redis(
     data_dir: Path,
     *,
-    password: str | None = "test-redis-password",
+    password: str | None = "test-redis-password",  # noqa: S107 - a throwaway test server
     tls: RedisTLSFiles | None = None,
     extra_args: Sequence[str] = (),
     config_lines: Sequence[str] = (),

@@ -3,7 +3,7 @@ the environment the CLI reads (libpq variables, REDIS_URL, key file, BACKUP_DIR.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,9 @@ class Stack:
     def start_redis(self) -> RedisServer:
         """(Re)start the live redis-server on its data dir, as the deployed one runs."""
         self.redis = start_redis(
-            self.redis_data, tls=self.tls, password=self.redis.password,
+            self.redis_data,
+            tls=self.tls,
+            password=self.redis.password,
             extra_args=REDIS_ARGS,
         )
         self.redis_servers.append(self.redis)
@@ -53,12 +55,22 @@ class Stack:
 
 
 def _require_tools() -> None:
-    for tool in ("pg_dump", "pg_restore", "psql", "initdb", "postgres", "redis-server",
-                 "redis-cli", "redis-check-rdb", "gpg", "zstd"):
+    for tool in (
+        "pg_dump",
+        "pg_restore",
+        "psql",
+        "initdb",
+        "postgres",
+        "redis-server",
+        "redis-cli",
+        "redis-check-rdb",
+        "gpg",
+        "zstd",
+    ):
         require_tool(tool)
 
 
-def make_stack(root: Path) -> Iterator[Stack]:
+def make_stack(root: Path) -> Generator[Stack, None, None]:
     _require_tools()
     tls = make_tls_files(root / "tls")
     pg = start_postgres(root)
@@ -91,8 +103,19 @@ def make_stack(root: Path) -> Iterator[Stack]:
             "RAG_BACKUP_KEY_FILE": str(key_file),
             "RAG_BACKUP_METRICS_DIR": str(metrics_dir),
         }
-        stack = Stack(root, pg, redis, redis_data, tls, chroma_dir, backup_dir, metrics_dir,
-                      key_file, env, redis_servers)
+        stack = Stack(
+            root,
+            pg,
+            redis,
+            redis_data,
+            tls,
+            chroma_dir,
+            backup_dir,
+            metrics_dir,
+            key_file,
+            env,
+            redis_servers,
+        )
         yield stack
     finally:
         for server in redis_servers:

@@ -18,7 +18,9 @@ DATABASE = "rag_feedback"
 CLI_TIMEOUT_S = 180
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rag_backup", *args],
         cwd=REPO,
@@ -56,25 +58,30 @@ def seed_postgres(server: PostgresServer, rows: int = 2000) -> None:
         CREATE SCHEMA audit;
         CREATE TABLE audit."Event Log" (id int, note text);
         INSERT INTO feedback (question, answer, rating)
-          SELECT 'question ' || g, repeat('answer ' || g, 3), g % 5 FROM generate_series(1, {rows}) g;
+          SELECT 'question ' || g, repeat('answer ' || g, 3), g % 5
+          FROM generate_series(1, {rows}) g;
         INSERT INTO chunks
           SELECT g, 'doc-' || g, ARRAY[g * 0.5, g * 0.25, -g], decode(md5(g::text), 'hex')
           FROM generate_series(1, {rows // 2}) g;
         INSERT INTO audit."Event Log" VALUES (1, 'quoted names survive'), (2, NULL);
-        """,
+        """,  # noqa: S608 - fixed test SQL
         database=DATABASE,
     )
 
 
 def pg_snapshot(server: PostgresServer, database: str = DATABASE) -> dict[str, str]:
     """Every user table's full content, ordered, as text (independent of rag_backup)."""
-    tables = [t for t in server.psql(
-        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
-        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
-        database=database,
-    ).splitlines() if t]
+    tables = [
+        t
+        for t in server.psql(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            database=database,
+        ).splitlines()
+        if t
+    ]
     return {
-        table: server.psql(f"SELECT t::text FROM {table} t ORDER BY t::text", database=database)
+        table: server.psql(f"SELECT t::text FROM {table} t ORDER BY t::text", database=database)  # noqa: S608
         for table in tables
     }
 

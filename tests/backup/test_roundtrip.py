@@ -107,22 +107,48 @@ def test_backup_files_are_ciphertext_listed_in_manifest_and_metrics_are_valid(st
     home.mkdir(mode=0o700)
     try:
         decrypted = subprocess.run(
-            [gpg, "--batch", "--pinentry-mode", "loopback", "--passphrase-file",
-             str(stack.key_file), "--homedir", str(home), "--decrypt",
-             str(directory / "postgres.dump.zst.gpg")],
-            capture_output=True, check=True, timeout=60,
+            [
+                gpg,
+                "--batch",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase-file",
+                str(stack.key_file),
+                "--homedir",
+                str(home),
+                "--decrypt",
+                str(directory / "postgres.dump.zst.gpg"),
+            ],
+            capture_output=True,
+            check=True,
+            timeout=60,
         ).stdout
     finally:
-        subprocess.run([require_tool("gpgconf"), "--homedir", str(home), "--kill", "gpg-agent"],
-                       capture_output=True, timeout=30, check=False)
-    plain = subprocess.run([require_tool("zstd"), "-d", "-c"], input=decrypted,
-                           capture_output=True, check=True, timeout=60).stdout
+        subprocess.run(
+            [require_tool("gpgconf"), "--homedir", str(home), "--kill", "gpg-agent"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    plain = subprocess.run(
+        [require_tool("zstd"), "-d", "-c"],
+        input=decrypted,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
     assert plain.startswith(b"PGDMP")
     # No temporary directory is left and the metrics file is valid for Prometheus.
     assert [p.name for p in stack.backup_dir.iterdir() if p.name.startswith(".tmp-")] == []
     prom = (stack.metrics_dir / "rag_backup.prom").read_text()
-    check = subprocess.run([require_tool("promtool"), "check", "metrics"], input=prom,
-                           capture_output=True, text=True, timeout=60, check=False)
+    check = subprocess.run(
+        [require_tool("promtool"), "check", "metrics"],
+        input=prom,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "rag_backup_last_run_success 1" in prom
     for component in ("postgres", "redis", "chroma", "all"):
