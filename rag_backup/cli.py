@@ -16,7 +16,7 @@ from rag_backup.crypto import CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.pg import PostgresSettings
 from rag_backup.procs import kill_all_children
-from rag_backup.progress import Progress
+from rag_backup.progress import Progress, set_quiet
 from rag_backup.restore import DrillConfig, RedisTarget, RestoreConfig, run_drill, run_restore
 from rag_backup.store import BackupStore
 
@@ -474,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     progress = Progress(enabled=not args.quiet)
+    set_quiet(args.quiet)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return COMMANDS[args.command](args, progress)

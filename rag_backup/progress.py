@@ -6,9 +6,18 @@ import sys
 import threading
 import time
 
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
 
 def log(message: str) -> None:
-    print(f"rag-backup: {message}", file=sys.stderr, flush=True)
+    """A progress/status line on stderr (errors are printed by the CLI, never silenced)."""
+    if not _quiet:
+        print(f"rag-backup: {message}", file=sys.stderr, flush=True)
 
 
 def human_bytes(count: float) -> str:

@@ -3,6 +3,7 @@ drill (restore into throwaway instances, check, time it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -305,7 +306,13 @@ def _swap_postgres(cfg: RestoreConfig, entry: BackupEntry, staged: _Staged) -> s
     staged.pg_new_db = None  # it is the live database now; never drop it
     expected = entry.manifest["components"]["postgres"]["row_counts"]
     try:
-        pg.check_counts(expected, pg.row_counts(settings, target), "postgres after swap")
+        # The data was counted before the swap; a rename cannot change it, so here it is
+        # enough that the renamed database answers with the same tables.
+        tables = json.loads(pg.psql_value(settings, pg.TABLES_SQL, target))
+        if sorted(tables) != sorted(expected):
+            raise BackupError(
+                f"postgres: {target} does not show the restored tables after the swap"
+            )
     except BackupError:
         if had_old:
             pg.rename_database(
