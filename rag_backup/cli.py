@@ -14,7 +14,9 @@ from types import FrameType
 from rag_backup import __version__, ops, redis_ops
 from rag_backup.crypto import CipherSettings
 from rag_backup.errors import BackupError
+from rag_backup.localpg import find_server_bin_dir
 from rag_backup.pg import PostgresSettings
+from rag_backup.physical import PhysicalTarget
 from rag_backup.procs import kill_all_children
 from rag_backup.progress import Progress, set_quiet
 from rag_backup.restore import DrillConfig, RedisTarget, RestoreConfig, run_drill, run_restore
@@ -45,6 +47,15 @@ class Interrupted(BackupError):
 def _env_path(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else None
+
+
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise BackupError(f"{name}: {value!r} is not a yes/no value; expected 1/0, true/false")
 
 
 def _positive_int(option: str) -> Callable[[str], int]:
@@ -212,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for Chroma's SQLite write lock (default 60)",
     )
     backup.add_argument("--verify", action="store_true", help="run verify on the new backup")
+    backup.add_argument(
+        "--pg-physical",
+        action="store_true",
+        default=None,
+        help="also take a physical base backup (pg_basebackup) of the whole cluster, for a "
+        "restore at copy speed; needs a replication connection (pg_hba 'replication' line, "
+        "a role with REPLICATION); the logical dump is always taken too "
+        "(env RAG_BACKUP_PG_PHYSICAL=1)",
+    )
+    backup.add_argument(
+        "--pg-physical-zstd-level",
+        type=_positive_int("--pg-physical-zstd-level"),
+        default=None,
+        help="zstd level of the base backup (default: --zstd-level)",
+    )
 
     verify = sub.add_parser(
         "verify",
@@ -269,6 +295,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="where the PostgreSQL dump is staged (default: BACKUP_DIR)",
+    )
+    restore.add_argument(
+        "--pg-mode",
+        choices=("logical", "physical"),
+        default=os.environ.get("RAG_BACKUP_PG_MODE", "logical"),
+        help="logical (default): the dump into a fresh database beside the live one, with "
+        "PostgreSQL running; physical: the base backup (backup taken with --pg-physical) "
+        "into a new data directory swapped with --pg-data-dir, PostgreSQL stopped "
+        "(env RAG_BACKUP_PG_MODE)",
+    )
+    restore.add_argument(
+        "--pg-data-dir",
+        type=Path,
+        default=_env_path("RAG_BACKUP_PG_DATA_DIR"),
+        help="--pg-mode physical: data directory of the stopped PostgreSQL; it is renamed to "
+        "<dir>.pre-restore-<id> (env RAG_BACKUP_PG_DATA_DIR)",
+    )
+    restore.add_argument(
+        "--pg-bin-dir",
+        type=Path,
+        default=_env_path("RAG_BACKUP_PG_BIN_DIR"),
+        help="--pg-mode physical: PostgreSQL server binaries of the same major version "
+        "(default: PATH, /usr/lib/postgresql/15/bin)",
     )
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -373,6 +422,12 @@ def _cmd_backup(args: argparse.Namespace, progress: Progress) -> int:
             raise BackupError(f"CHROMA_DIR / --chroma-dir: {chroma_dir} is not a directory")
     if not 1 <= args.zstd_level <= 19:
         raise BackupError(f"--zstd-level: {args.zstd_level} is out of range; expected 1..19")
+    level = args.pg_physical_zstd_level
+    if level is not None and not 1 <= level <= 19:
+        raise BackupError(f"--pg-physical-zstd-level: {level} is out of range; expected 1..19")
+    pg_physical = bool(args.pg_physical) or _env_flag("RAG_BACKUP_PG_PHYSICAL")
+    if pg_physical and "postgres" not in components:
+        raise BackupError("--pg-physical needs the postgres component in --components")
     cfg = ops.BackupConfig(
         store=store,
         cipher=cipher,
@@ -385,6 +440,8 @@ def _cmd_backup(args: argparse.Namespace, progress: Progress) -> int:
         chroma_lock_timeout_s=args.chroma_lock_timeout,
         metrics_dir=args.metrics_dir,
         verify_after=args.verify,
+        pg_physical=pg_physical,
+        pg_physical_zstd_level=args.pg_physical_zstd_level,
     )
     entry = ops.run_backup(cfg, progress)
     print(entry.backup_id)
@@ -416,6 +473,11 @@ def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
             server_cmd=args.redis_server_cmd,
             live=_redis(args, required=False),
         )
+    pg_target = None
+    if args.pg_mode == "physical" and args.pg_data_dir is not None:
+        pg_target = PhysicalTarget(
+            data_dir=args.pg_data_dir.absolute(), bin_dir=find_server_bin_dir(args.pg_bin_dir)
+        )
     cfg = RestoreConfig(
         store=store,
         cipher=_cipher(args),
@@ -427,6 +489,8 @@ def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
         chroma_dir=args.chroma_dir,
         staging_dir=args.staging_dir,
         assume_yes=args.yes,
+        pg_mode=args.pg_mode,
+        pg_physical=pg_target,
     )
     for line in run_restore(cfg, progress):
         print(line)

@@ -137,10 +137,12 @@ class Cipher:
             ]
         return ["age", "--encrypt", "-R", str(self.settings.age_recipients_file)]
 
-    def decrypt_argv(self, path: Path) -> list[str]:
+    def decrypt_argv(self, path: Path | None) -> list[str]:
+        """Decrypt ``path``, or stdin when it is None."""
+        source = [str(path)] if path is not None else []
         if self.settings.method == "gpg":
-            return [*self._gpg_base(), "--decrypt", "--output", "-", str(path)]
-        return ["age", "--decrypt", "-i", str(self.settings.age_identity_file), str(path)]
+            return [*self._gpg_base(), "--decrypt", "--output", "-", *source]
+        return ["age", "--decrypt", "-i", str(self.settings.age_identity_file), *source]
 
     def describe(self) -> dict[str, str]:
         if self.settings.method == "gpg":

@@ -3,7 +3,10 @@ private unix socket only (no TCP), run as the ``postgres`` OS user when we are r
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -13,7 +16,7 @@ from typing import Any
 
 from rag_backup.errors import BackupError
 from rag_backup.pg import PostgresSettings, psql_value
-from rag_backup.procs import Proc, run
+from rag_backup.procs import Proc, last_lines, run
 
 DEFAULT_BIN_DIRS = ("/usr/lib/postgresql/15/bin",)
 
@@ -39,65 +42,100 @@ def _run_as() -> dict[str, Any]:
     return {}
 
 
+def run_as_owner_of(path: Path) -> dict[str, Any]:
+    """subprocess arguments to run as the owner of ``path`` (PostgreSQL refuses root)."""
+    if os.geteuid() != 0:
+        return {}
+    st = path.stat()
+    return {"user": st.st_uid, "group": st.st_gid, "extra_groups": []}
+
+
+def server_major_version(bin_dir: Path) -> int:
+    out = run("postgres --version", [str(bin_dir / "postgres"), "--version"], timeout=60)
+    match = re.search(r"(\d+)(?:\.\d+)?", out)
+    if not match:
+        raise BackupError(f"cannot read the version of {bin_dir / 'postgres'}: {out.strip()}")
+    return int(match[1])
+
+
 class LocalPostgres:
-    def __init__(self, bin_dir: Path, work_dir: Path, jobs: int) -> None:
+    """A private postgres on a unix socket only. Either a fresh cluster made with initdb in
+    a temp dir under ``work_dir`` (``data_dir`` None), or an existing data directory (a
+    staged physical backup), with trust auth from a private pg_hba.conf and settings that
+    keep it from touching anything outside (no TCP, no archiving, no SSL files)."""
+
+    def __init__(
+        self,
+        bin_dir: Path,
+        work_dir: Path,
+        jobs: int,
+        *,
+        data_dir: Path | None = None,
+        user: str = "postgres",
+        durable: bool = False,
+    ) -> None:
         self.bin_dir = bin_dir
         self.root = Path(tempfile.mkdtemp(prefix="rag-drill-pg-", dir=work_dir))
         self.proc: Proc | None = None
-        run_as = _run_as()
+        run_as = _run_as() if data_dir is None else run_as_owner_of(data_dir)
         if run_as:
-            shutil.chown(self.root, "postgres", "postgres")
+            os.chown(self.root, _uid(run_as["user"]), _gid(run_as["group"]))
         self.root.chmod(0o700)
-        self.data_dir = self.root / "data"
+        self.data_dir = data_dir if data_dir is not None else self.root / "data"
         self.port = 5432
         try:
-            run(
-                "initdb",
-                [
-                    str(bin_dir / "initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ],
-                timeout=300,
-                **run_as,
-            )
-            self.proc = Proc(
-                "postgres (drill)",
-                [
-                    str(bin_dir / "postgres"),
-                    "-D",
-                    str(self.data_dir),
-                    "-c",
-                    "listen_addresses=",
-                    "-c",
-                    f"unix_socket_directories={self.root}",
-                    "-c",
-                    f"port={self.port}",
-                    # A throwaway instance: durability is not needed, restore speed is.
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
-                    f"max_parallel_maintenance_workers={max(1, jobs)}",
-                ],
-                stdout=subprocess.DEVNULL,
-                **run_as,
-            )
+            extra: list[str] = []
+            if data_dir is None:
+                run(
+                    "initdb",
+                    [
+                        str(bin_dir / "initdb"),
+                        "-D",
+                        str(self.data_dir),
+                        "-U",
+                        user,
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                        "--no-sync",
+                    ],
+                    timeout=300,
+                    **run_as,
+                )
+            else:
+                hba = self.root / "pg_hba.conf"
+                hba.write_text("local all all trust\n")
+                if run_as:
+                    os.chown(hba, _uid(run_as["user"]), _gid(run_as["group"]))
+                extra = [
+                    f"hba_file={hba}",
+                    # The staged copy's own settings may point at certificates, archives
+                    # or libraries of the live server: none of that is needed to check it.
+                    "ssl=off",
+                    "archive_mode=off",
+                    "shared_preload_libraries=",
+                ]
+            settings = [
+                "listen_addresses=",
+                f"unix_socket_directories={self.root}",
+                f"port={self.port}",
+                f"max_parallel_maintenance_workers={max(1, jobs)}",
+                *extra,
+            ]
+            if not durable:
+                # A throwaway instance: durability is not needed, restore speed is.
+                settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+            argv = [str(bin_dir / "postgres"), "-D", str(self.data_dir)]
+            for setting in settings:
+                argv += ["-c", setting]
+            self.proc = Proc("postgres (private)", argv, stdout=subprocess.DEVNULL, **run_as)
             self.settings = PostgresSettings(
                 database="postgres",
                 libpq_env={
                     "PGHOST": str(self.root),
                     "PGPORT": str(self.port),
-                    "PGUSER": "postgres",
+                    "PGUSER": user,
+                    "PGSSLMODE": "disable",
                 },
                 jobs=jobs,
                 bin_dir=None,
@@ -107,28 +145,53 @@ class LocalPostgres:
             self.stop()
             raise
 
-    def _wait_ready(self, timeout_s: float = 60) -> None:
+    def _wait_ready(self, timeout_s: float = 600) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             assert self.proc is not None
             if self.proc.popen.poll() is not None:
-                raise BackupError(f"drill postgres exited: {self.proc.stderr_text()[-500:]}")
+                raise BackupError(
+                    f"private postgres exited: {last_lines(self.proc.stderr_text(), 4)}"
+                )
             try:
                 psql_value(self.settings, "SELECT 1", "postgres")
                 return
-            except BackupError:
+            except BackupError as error:
                 if time.monotonic() > deadline:
+                    raise
+                if "does not exist" in str(error) and "role" in str(error):
                     raise
                 time.sleep(0.1)
 
     def stop(self) -> None:
+        """Fast shutdown (a clean shutdown checkpoint), then remove the private files."""
         if self.proc is not None:
             if self.proc.popen.poll() is None:
                 self.proc.popen.send_signal(2)  # fast shutdown
                 try:
-                    self.proc.wait(timeout=60)
+                    self.proc.wait(timeout=600)
                 except BackupError:
                     self.proc.kill()
             self.proc.close()
             self.proc = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def stop_checked(self) -> None:
+        """Shut down and require a clean exit: the data dir is then consistent on disk."""
+        assert self.proc is not None
+        self.proc.popen.send_signal(2)
+        code = self.proc.wait(timeout=600)
+        if code != 0:
+            raise BackupError(
+                f"private postgres did not shut down cleanly (exit {code}): "
+                f"{last_lines(self.proc.stderr_text())}"
+            )
+        self.stop()
+
+
+def _uid(user: str | int) -> int:
+    return user if isinstance(user, int) else pwd.getpwnam(user).pw_uid
+
+
+def _gid(group: str | int) -> int:
+    return group if isinstance(group, int) else grp.getgrnam(group).gr_gid

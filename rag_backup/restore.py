@@ -9,13 +9,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from rag_backup import chroma, metrics, pg, redis_ops
+from rag_backup import chroma, metrics, pg, physical, redis_ops
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import LocalPostgres, find_server_bin_dir
@@ -23,7 +24,7 @@ from rag_backup.ops import check_ciphertext, check_encryption_matches
 from rag_backup.procs import kill_all_children
 from rag_backup.progress import Progress, log
 from rag_backup.store import BackupEntry, BackupStore
-from rag_backup.streams import copy_stream, decrypted_stream
+from rag_backup.streams import ExpectedCiphertext, copy_stream, decrypted_stream
 
 MAX_PG_NAME = 63
 
@@ -49,20 +50,46 @@ class RestoreConfig:
     chroma_dir: Path | None
     staging_dir: Path | None
     assume_yes: bool
+    pg_mode: str = "logical"  # or "physical": the base backup into a stopped cluster's dir
+    pg_physical: physical.PhysicalTarget | None = None  # required for pg_mode physical
 
 
-def _artifact(entry: BackupEntry, component: str) -> dict[str, Any]:
+def _artifact(entry: BackupEntry, component: str, kind: str | None = None) -> dict[str, Any]:
+    """The component's artifact of ``kind`` (default: the first, the portable one)."""
     artifacts = entry.manifest["components"][component]["artifacts"]
-    return dict(artifacts[0])
+    for artifact in artifacts:
+        if kind is None or artifact.get("kind") == kind:
+            return dict(artifact)
+    raise BackupError(
+        f"backup {entry.backup_id} has no {kind} artifact for {component} "
+        "(it was taken without --pg-physical); use --pg-mode logical"
+    )
+
+
+def has_physical(entry: BackupEntry) -> bool:
+    postgres = entry.manifest["components"].get("postgres")
+    return bool(postgres) and any(a.get("kind") == physical.KIND for a in postgres["artifacts"])
+
+
+@contextmanager
+def _checked_plaintext(
+    cipher: Cipher, entry: BackupEntry, artifact: dict[str, Any], component: str
+) -> Iterator[IO[bytes]]:
+    """The plaintext of one artifact; its ciphertext's size and SHA-256 are checked in the
+    same pass (a mismatch raises when the block ends: whatever was written from the stream
+    must be discarded then; callers write only into staging areas)."""
+    path = entry.path / str(artifact["name"])
+    expected = ExpectedCiphertext(int(artifact["size"]), str(artifact["sha256"]))
+    with decrypted_stream(cipher, path, f"{component} ({artifact['name']})", expected) as stream:
+        yield stream
 
 
 def _decrypt_to_file(
     cipher: Cipher, entry: BackupEntry, component: str, target: Path, progress: Progress
 ) -> None:
     artifact = _artifact(entry, component)
-    path = entry.path / str(artifact["name"])
     with (
-        decrypted_stream(cipher, path, f"{component} ({artifact['name']})") as stream,
+        _checked_plaintext(cipher, entry, artifact, component) as stream,
         open(target, "xb") as out,
     ):
         copy_stream(stream, out, f"{component}: decrypted", progress)
@@ -73,9 +100,10 @@ def _decrypt_to_file(
 def _extract_chroma(cipher: Cipher, entry: BackupEntry, target: Path) -> None:
     artifact = _artifact(entry, "chroma")
     files = entry.manifest["components"]["chroma"].get("files", [])
-    path = entry.path / str(artifact["name"])
-    with decrypted_stream(cipher, path, f"chroma ({artifact['name']})") as stream:
-        chroma.read_archive(stream, files, target)
+    with _checked_plaintext(cipher, entry, artifact, "chroma") as stream:
+        # The ciphertext's SHA-256 covers every byte of the archive, so the files are not
+        # hashed again here; names and sizes are still checked against the manifest.
+        chroma.read_archive(stream, files, target, hash_files=False)
     problem = chroma.sqlite_integrity(target / chroma.SQLITE_NAME)
     if problem != "ok":
         raise BackupError(f"chroma: restored {chroma.SQLITE_NAME} fails integrity_check: {problem}")
@@ -94,10 +122,15 @@ def select_components(entry: BackupEntry, requested: tuple[str, ...] | None) -> 
     return requested
 
 
-def _check_all_ciphertext(entry: BackupEntry, components: tuple[str, ...], cipher: Cipher) -> None:
+def _check_all_ciphertext(
+    entry: BackupEntry, components: tuple[str, ...], cipher: Cipher, kinds: set[str] | None = None
+) -> None:
+    """Presence, size and ciphertext header of every artifact that will be used (``kinds``:
+    None = all); the SHA-256 is checked while each one is decrypted into its staging area."""
     for component in components:
         for artifact in entry.manifest["components"][component]["artifacts"]:
-            check_ciphertext(entry, component, artifact, cipher)
+            if kinds is None or artifact.get("kind") in kinds:
+                check_ciphertext(entry, component, artifact, cipher, full_hash=False)
 
 
 def _confirm(message: str, assume_yes: bool) -> None:
@@ -120,6 +153,23 @@ class _Staged:
     redis_dir: Path | None = None
     chroma_dir: Path | None = None
     pg_file_dir: Path | None = None
+    pg_data_dir: Path | None = None  # physical: the extracted, checked cluster
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _timed(timings: dict[str, float], name: str, task: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            task()
+        finally:
+            timings[name] = time.monotonic() - started
+
+    return run
+
+
+def _log_timings(timings: dict[str, float]) -> None:
+    log("timings: " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in timings.items()))
 
 
 def _suffix(entry: BackupEntry) -> str:
@@ -133,37 +183,69 @@ def run_restore(cfg: RestoreConfig, progress: Progress) -> list[str]:
     cfg.cipher.validate(need_encrypt=False, need_decrypt=True)
     components = select_components(entry, cfg.components)
     _check_targets(cfg, entry, components)
+    started = time.monotonic()
     with cfg.store.lock("restore"), Cipher(cfg.cipher) as cipher:
         log(f"checking backup {entry.backup_id} before touching anything")
-        _check_all_ciphertext(entry, components, cipher)
+        pg_kind = physical.KIND if cfg.pg_mode == "physical" else "pg_dump_custom"
+        _check_all_ciphertext(entry, components, cipher, {pg_kind, "redis_rdb", "tar"})
         _confirm(
             f"Restore backup {entry.backup_id} ({', '.join(components)}) over the live data? "
             "The current data is kept aside for rollback.",
             cfg.assume_yes,
         )
         staged = _Staged()
+        staging_started = time.monotonic()
+        staged.timings["checks"] = staging_started - started
         try:
             _stage_all(cfg, entry, components, cipher, staged, progress)
         except BaseException:
             kill_all_children()
             _discard_staged(cfg, staged)
             raise
+        staged.timings["staging (parallel)"] = time.monotonic() - staging_started
         log("backup fully decrypted, staged and checked; swapping it in")
         kept: list[str] = []
         try:
             if "postgres" in components:
-                kept.append(_swap_postgres(cfg, entry, staged))
+                swap_pg = _swap_postgres_physical if cfg.pg_mode == "physical" else _swap_postgres
+                kept.append(_timed_call(staged, "swap postgres", swap_pg, cfg, entry))
             if "redis" in components:
-                kept.append(_swap_redis(cfg, entry, staged))
+                kept.append(_timed_call(staged, "swap redis", _swap_redis, cfg, entry))
             if "chroma" in components:
-                kept.append(_swap_chroma(cfg, entry, staged))
+                kept.append(_timed_call(staged, "swap chroma", _swap_chroma, cfg, entry))
         finally:
             _discard_staged(cfg, staged)
+        staged.timings["total"] = time.monotonic() - started
+        _log_timings(staged.timings)
         return kept
 
 
+def _timed_call(
+    staged: _Staged,
+    name: str,
+    swap: Callable[[RestoreConfig, BackupEntry, _Staged], str],
+    cfg: RestoreConfig,
+    entry: BackupEntry,
+) -> str:
+    started = time.monotonic()
+    try:
+        return swap(cfg, entry, staged)
+    finally:
+        staged.timings[name] = time.monotonic() - started
+
+
 def _check_targets(cfg: RestoreConfig, entry: BackupEntry, components: tuple[str, ...]) -> None:
-    if "postgres" in components:
+    if "postgres" in components and cfg.pg_mode == "physical":
+        if cfg.pg_physical is None:
+            raise BackupError(
+                "--pg-mode physical needs --pg-data-dir / RAG_BACKUP_PG_DATA_DIR (the data "
+                "directory of the stopped PostgreSQL)"
+            )
+        _artifact(entry, "postgres", physical.KIND)
+        physical.check_target(
+            cfg.pg_physical, entry.backup_id, entry.manifest["components"]["postgres"]
+        )
+    elif "postgres" in components:
         if cfg.postgres is None:
             raise BackupError(
                 "restoring postgres needs PGDATABASE / --pg-database and libpq settings"
@@ -200,7 +282,18 @@ def _stage_all(
 ) -> None:
     suffix = _suffix(entry)
     tasks: list[Callable[[], None]] = []
-    if "postgres" in components:
+    if "postgres" in components and cfg.pg_mode == "physical":
+        assert cfg.pg_physical is not None
+        pg_target = cfg.pg_physical
+        staged.pg_data_dir = pg_target.staged_dir(entry.backup_id)
+        tasks.append(
+            _timed(
+                staged.timings,
+                "stage postgres (physical)",
+                lambda: _stage_pg_physical(cfg, entry, cipher, pg_target, staged),
+            )
+        )
+    elif "postgres" in components:
         assert cfg.postgres is not None
         pg_settings = cfg.postgres
         staging_root = cfg.staging_dir or cfg.store.root
@@ -228,7 +321,7 @@ def _stage_all(
             pg.check_counts(expected, pg.row_counts(pg_settings, staged.pg_new_db), "postgres")
             log(f"postgres: {len(expected)} tables restored, row counts match")
 
-        tasks.append(stage_pg)
+        tasks.append(_timed(staged.timings, "stage postgres (logical)", stage_pg))
     if "redis" in components:
         assert cfg.redis is not None
         redis_target = cfg.redis
@@ -242,7 +335,7 @@ def _stage_all(
             redis_ops.check_rdb_file(rdb)
             log("redis: RDB staged and checked")
 
-        tasks.append(stage_redis)
+        tasks.append(_timed(staged.timings, "stage redis", stage_redis))
     if "chroma" in components:
         assert cfg.chroma_dir is not None
         target = cfg.chroma_dir
@@ -254,8 +347,46 @@ def _stage_all(
             _extract_chroma(cipher, entry, staged.chroma_dir)
             log("chroma: files staged, checksums and integrity_check ok")
 
-        tasks.append(stage_chroma)
+        tasks.append(_timed(staged.timings, "stage chroma", stage_chroma))
     _run_parallel(tasks)
+
+
+def _stage_pg_physical(
+    cfg: RestoreConfig,
+    entry: BackupEntry,
+    cipher: Cipher,
+    target: physical.PhysicalTarget,
+    staged: _Staged,
+) -> None:
+    assert staged.pg_data_dir is not None
+    data = staged.pg_data_dir
+    component = entry.manifest["components"]["postgres"]
+    owner = target.owner_path().stat()
+    data.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(data, owner.st_uid, owner.st_gid)
+    log(f"postgres: extracting the base backup into {data}")
+    artifact = _artifact(entry, "postgres", physical.KIND)
+    with _checked_plaintext(cipher, entry, artifact, "postgres") as stream:
+        physical.read_archive(stream, data)
+    if os.geteuid() == 0:
+        physical.chown_tree(data, owner.st_uid, owner.st_gid)
+    log("postgres: starting a private server on the copy to replay its WAL and count rows")
+    work = Path(tempfile.mkdtemp(prefix="rag-restore-pg-"))
+    try:
+        work.chmod(0o711)
+        counts = physical.check_cluster(
+            data,
+            target.bin_dir,
+            component,
+            work,
+            cfg.postgres.jobs if cfg.postgres else 2,
+            durable=True,
+            where="postgres (physical)",
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"postgres: physical copy consistent, {len(counts)} tables, row counts match")
 
 
 def _run_parallel(tasks: list[Callable[[], None]]) -> None:
@@ -273,6 +404,8 @@ def _run_parallel(tasks: list[Callable[[], None]]) -> None:
 
 
 def _discard_staged(cfg: RestoreConfig, staged: _Staged) -> None:
+    if staged.pg_data_dir is not None:
+        shutil.rmtree(staged.pg_data_dir, ignore_errors=True)
     if staged.pg_file_dir is not None:
         shutil.rmtree(staged.pg_file_dir, ignore_errors=True)
     if staged.pg_new_db and cfg.postgres is not None:
@@ -324,6 +457,14 @@ def _swap_postgres(cfg: RestoreConfig, entry: BackupEntry, staged: _Staged) -> s
     if had_old:
         return f"postgres: previous data kept as database {old_name} (drop it when satisfied)"
     return f"postgres: database {target} created (there was none before)"
+
+
+def _swap_postgres_physical(cfg: RestoreConfig, entry: BackupEntry, staged: _Staged) -> str:
+    assert cfg.pg_physical is not None and staged.pg_data_dir is not None
+    kept = physical.swap_in(cfg.pg_physical, staged.pg_data_dir, entry.backup_id)
+    staged.pg_data_dir = None  # it is the live data directory now; never remove it
+    log(f"postgres: data directory {cfg.pg_physical.data_dir} restored; start PostgreSQL")
+    return kept
 
 
 def _swap_redis(cfg: RestoreConfig, entry: BackupEntry, staged: _Staged) -> str:
@@ -450,6 +591,10 @@ def run_drill(cfg: DrillConfig, progress: Progress) -> float:
                 tasks = [
                     _drill_task(name, cfg, entry, cipher, work, progress) for name in components
                 ]
+                if has_physical(entry):
+                    # Both PostgreSQL artifacts are proven: the base backup (the fast
+                    # restore) and the portable dump (the fallback).
+                    tasks.append(_drill_physical_task(cfg, entry, cipher, work))
                 try:
                     _run_parallel(tasks)
                 except BaseException:
@@ -474,6 +619,32 @@ def run_drill(cfg: DrillConfig, progress: Progress) -> float:
                 )
             except OSError as error:
                 log(f"warning: cannot write metrics to {cfg.metrics_dir}: {error.strerror}")
+
+
+def _drill_physical_task(
+    cfg: DrillConfig, entry: BackupEntry, cipher: Cipher, work: Path
+) -> Callable[[], None]:
+    component = entry.manifest["components"]["postgres"]
+
+    def drill_postgres_physical() -> None:
+        bin_dir = find_server_bin_dir(cfg.pg_bin_dir)
+        root = Path(tempfile.mkdtemp(prefix="rag-drill-pgdata-", dir=work))
+        data = root / "data"
+        data.mkdir(mode=0o700)
+        artifact = _artifact(entry, "postgres", physical.KIND)
+        with _checked_plaintext(cipher, entry, artifact, "postgres") as stream:
+            physical.read_archive(stream, data)
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root; the copy must belong to the postgres user.
+            shutil.chown(root, "postgres", "postgres")
+            owner = root.stat()
+            physical.chown_tree(data, owner.st_uid, owner.st_gid)
+        counts = physical.check_cluster(
+            data, bin_dir, component, work, cfg.jobs, durable=False, where="postgres (physical)"
+        )
+        log(f"drill: postgres physical ok ({len(counts)} tables, {sum(counts.values())} rows)")
+
+    return drill_postgres_physical
 
 
 def _drill_task(

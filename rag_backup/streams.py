@@ -152,13 +152,87 @@ class DecryptFailed(BackupError):
     """Decryption or decompression failed; the message says which and why."""
 
 
+@dataclass(frozen=True)
+class ExpectedCiphertext:
+    """What the manifest says the encrypted file is: checked while it is decrypted."""
+
+    size: int
+    sha256: str
+
+
+class _HashingFeeder:
+    """Feeds the encrypted file to the decryptor's stdin from a thread, hashing every byte
+    read, so the SHA-256 check costs no extra pass over the file. If the decryptor stops
+    early (wrong key, damage), the rest of the file is still hashed: a SHA-256 mismatch is
+    then the reason reported, as the more precise one."""
+
+    def __init__(self, path: Path, sink: IO[bytes], name: str) -> None:
+        self._path = path
+        self._sink = sink
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"hash-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sink_open = True
+        try:
+            with open(self._path, "rb") as handle:
+                while True:
+                    chunk = handle.read(CHUNK)
+                    if not chunk:
+                        break
+                    self.digest.update(chunk)
+                    self.size += len(chunk)
+                    if sink_open:
+                        try:
+                            self._sink.write(chunk)
+                        except (BrokenPipeError, ValueError, OSError):
+                            sink_open = False  # the decryptor gave up; keep hashing
+        except BaseException as error:
+            self.error = error
+        finally:
+            with suppress(OSError, ValueError):
+                self._sink.close()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def mismatch(self, expected: ExpectedCiphertext) -> str | None:
+        if self.error is not None:
+            return f"cannot read the encrypted file: {self.error}"
+        if self.size < expected.size:
+            return f"truncated: {self.size} bytes, the manifest records {expected.size}"
+        if self.size > expected.size:
+            return f"corrupted: {self.size} bytes, the manifest records {expected.size}"
+        if self.digest.hexdigest() != expected.sha256:
+            return "corrupted: SHA-256 does not match the manifest"
+        return None
+
+
+class CiphertextMismatch(BackupError):
+    """The encrypted file is not the one the manifest describes."""
+
+
 @contextmanager
-def decrypted_stream(cipher: Cipher, path: Path, name: str) -> Iterator[IO[bytes]]:
+def decrypted_stream(
+    cipher: Cipher, path: Path, name: str, expected: ExpectedCiphertext | None = None
+) -> Iterator[IO[bytes]]:
     """Yield the decrypted, decompressed plaintext of ``path`` as a readable pipe.
 
     The consumer must read to EOF. On leaving, both processes are checked and a failure is
-    raised as DecryptFailed with a reason (wrong key, truncated, corrupted)."""
-    decrypt = Proc(f"decryption ({name})", cipher.decrypt_argv(path))
+    raised as DecryptFailed with a reason (wrong key, truncated, corrupted). With
+    ``expected``, the encrypted file is hashed while it is fed to the decryptor and a
+    mismatch is raised as CiphertextMismatch (after the consumer has finished, so a consumer
+    writing into a staging area must treat everything it wrote as unchecked until this
+    context has exited without error)."""
+    feeder: _HashingFeeder | None = None
+    if expected is None:
+        decrypt = Proc(f"decryption ({name})", cipher.decrypt_argv(path))
+    else:
+        decrypt = Proc(f"decryption ({name})", cipher.decrypt_argv(None), stdin=subprocess.PIPE)
+        feeder = _HashingFeeder(path, decrypt.stdin, name)
     zstd = Proc(f"zstd -d ({name})", ["zstd", "-q", "-d", "-c", "-"], stdin=decrypt.stdout)
     decrypt.stdout.close()
     consumer_error: BaseException | None = None
@@ -174,12 +248,21 @@ def decrypted_stream(cipher: Cipher, path: Path, name: str) -> Iterator[IO[bytes
         else:
             zstd.kill()
             decrypt.kill()
+        if feeder is not None:
+            # Even after a failure the feeder hashes the rest of the file (no more than one
+            # read pass), so a damaged file is reported as such rather than as bad data.
+            feeder.join()
         decrypt_code = decrypt.wait(timeout=3600)
         zstd_code = zstd.wait(timeout=3600)
         decrypt_err = decrypt.stderr_text()
         zstd_err = zstd.stderr_text()
         decrypt.close()
         zstd.close()
+    mismatch = None
+    if feeder is not None and expected is not None:
+        mismatch = feeder.mismatch(expected)
+    if mismatch is not None:
+        raise CiphertextMismatch(f"{name}: {mismatch}") from consumer_error
     if consumer_error is not None:
         if decrypt_code not in (0, None) and decrypt_code > 0:
             raise DecryptFailed(

@@ -80,6 +80,7 @@ class PostgresServer:
     bin_dir: Path
     root_dir: Path
     process: subprocess.Popen[bytes]
+    start_args: list[str] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -119,6 +120,26 @@ class PostgresServer:
             _stop_process(self.process, 2)
         finally:
             shutil.rmtree(self.root_dir, ignore_errors=True)
+
+    def shutdown(self) -> None:
+        """Stop the server (fast shutdown) but keep its data directory, as an operator does
+        before a physical restore."""
+        _stop_process(self.process, 2)
+
+    def start_again(self) -> None:
+        """Start the server again on its data directory and port (after ``shutdown``)."""
+        if self.process.poll() is None:
+            raise RuntimeError("PostgreSQL is still running")
+        log = self.root_dir / "postgres.log"
+        with open(log, "ab") as log_file:
+            self.process = subprocess.Popen(
+                self.start_args,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                **_postgres_run_kwargs(),
+            )
+        _wait_port("127.0.0.1", self.port, self.process, log)
+        _wait_ready(self)
 
 
 def _postgres_run_kwargs() -> dict[str, Any]:
@@ -179,6 +200,7 @@ def start_postgres(
         shutil.rmtree(root_dir, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {init.stderr.strip()}")
 
+    _allow_replication(data_dir / "pg_hba.conf")
     password_dir = Path(base_dir) if base_dir is not None else root_dir
     password_file = password_dir / f"pgpass-{os.getpid()}-{time.monotonic_ns()}"
     log = root_dir / "postgres.log"
@@ -223,6 +245,7 @@ def start_postgres(
                 bin_dir=bin_dir,
                 root_dir=root_dir,
                 process=proc,
+                start_args=args,
             )
             _wait_ready(server)
             return server
@@ -231,6 +254,19 @@ def start_postgres(
             _stop_process(proc, 2)
     shutil.rmtree(root_dir, ignore_errors=True)
     raise RuntimeError(f"PostgreSQL did not start: {last_error}")
+
+
+def _allow_replication(hba: Path) -> None:
+    """pg_basebackup needs a ``replication`` entry (as the deployed server gets one); recent
+    initdb versions write it already, this makes sure of it."""
+    lines = hba.read_text().splitlines()
+    if not any(
+        line.split()[:4] == ["host", "replication", "all", "127.0.0.1/32"]
+        for line in lines
+        if line.strip()
+    ):
+        with open(hba, "a") as handle:
+            handle.write("host replication all 127.0.0.1/32 scram-sha-256\n")
 
 
 def _wait_ready(server: PostgresServer) -> None:

@@ -1,0 +1,240 @@
+"""Physical PostgreSQL backup: ``pg_basebackup`` as one tar on stdout (WAL fetched into it,
+``backup_manifest`` included), and its restore: extract into a fresh data directory beside
+the live one, start a private postgres on it (it replays the WAL and fsyncs the directory),
+check the row counts, shut it down cleanly, then swap directories while the live server is
+stopped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from rag_backup import pg
+from rag_backup.errors import BackupError
+from rag_backup.localpg import LocalPostgres, server_major_version
+from rag_backup.procs import Proc
+from rag_backup.streams import CHUNK
+
+KIND = "pg_basebackup_tar"
+# Files every base backup of a cluster holds; verify checks they are in the archive.
+REQUIRED_MEMBERS = ("PG_VERSION", "global/pg_control", "backup_label", "backup_manifest")
+
+
+def start_basebackup(settings: pg.PostgresSettings) -> Proc:
+    """The whole cluster as one tar on stdout. ``-X fetch`` puts the WAL needed to make the
+    copy consistent into the same tar (streaming WAL cannot go to stdout)."""
+    return Proc(
+        "pg_basebackup",
+        [
+            settings.tool("pg_basebackup"),
+            "--pgdata=-",
+            "--format=tar",
+            "--wal-method=fetch",
+            "--checkpoint=fast",
+            "--no-password",
+        ],
+        env=settings.env(),
+    )
+
+
+def _safe_member(name: str) -> PurePosixPath:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise BackupError(f"physical backup archive: unsafe member path {name!r}")
+    return rel
+
+
+def read_archive(stream: IO[bytes], target: Path | None) -> set[str]:
+    """Read the base backup tar; extract into ``target`` when given (an empty directory).
+    Returns the member names. Only directories and regular files are accepted (a cluster
+    without extra tablespaces has no symlinks)."""
+    names: set[str] = set()
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                rel = _safe_member(member.name)
+                names.add(rel.as_posix())
+                dest = target / rel if target is not None else None
+                if member.isdir():
+                    if dest is not None:
+                        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    continue
+                if not member.isfile():
+                    raise BackupError(
+                        f"physical backup archive: {member.name} is not a file or directory "
+                        "(tablespaces are not supported)"
+                    )
+                source = tar.extractfile(member)
+                assert source is not None
+                if dest is None:
+                    while source.read(CHUNK):
+                        pass
+                    continue
+                dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with open(dest, "xb") as out:
+                    while True:
+                        chunk = source.read(CHUNK)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                os.chmod(dest, 0o600)
+    except tarfile.TarError as error:
+        raise BackupError(f"physical backup archive is damaged: {error}") from error
+    missing = [name for name in REQUIRED_MEMBERS if name not in names]
+    if missing:
+        raise BackupError(f"physical backup archive lacks {', '.join(missing)}")
+    return names
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
+def counts_within(
+    before: Mapping[str, int], after: Mapping[str, int], actual: Mapping[str, int], where: str
+) -> None:
+    """The base backup is consistent at a point between the logical snapshot (``before``)
+    and the count taken after pg_basebackup ended (``after``): every table's count must lie
+    between the two (equal to both when nothing was written meanwhile)."""
+    if set(actual) != set(before) or set(before) != set(after):
+        raise BackupError(
+            f"{where}: tables differ from the backup: expected {sorted(before)}, "
+            f"got {sorted(actual)}"
+        )
+    diffs = []
+    for table in sorted(actual):
+        low, high = sorted((int(before[table]), int(after[table])))
+        if not low <= int(actual[table]) <= high:
+            expected = str(low) if low == high else f"{low}..{high}"
+            diffs.append(f"{table}: expected {expected}, got {actual[table]}")
+    if diffs:
+        raise BackupError(f"{where}: row counts differ from the backup: " + "; ".join(diffs[:5]))
+
+
+@dataclass(frozen=True)
+class PhysicalTarget:
+    """The live data directory of a stopped PostgreSQL and the server binaries."""
+
+    data_dir: Path
+    bin_dir: Path
+
+    def staged_dir(self, backup_id: str) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.restore-{backup_id}"
+
+    def kept_dir(self, backup_id: str) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.pre-restore-{backup_id}"
+
+    def owner_path(self) -> Path:
+        return self.data_dir if self.data_dir.exists() else self.data_dir.parent
+
+
+def check_target(target: PhysicalTarget, backup_id: str, component: Mapping[str, Any]) -> None:
+    """Everything that can be checked before touching data; raises with the option named."""
+    data = target.data_dir
+    option = "--pg-data-dir / RAG_BACKUP_PG_DATA_DIR"
+    if not data.parent.is_dir():
+        raise BackupError(f"{option}: parent of {data} does not exist")
+    if data.exists():
+        if not data.is_dir():
+            raise BackupError(f"{option}: {data} is not a directory")
+        if os.path.ismount(data):
+            raise BackupError(
+                f"{option}: {data} is a mount point and cannot be swapped by a rename; "
+                "keep the data directory in a subdirectory of the volume (e.g. PGDATA="
+                "/var/lib/postgresql/data/pgdata)"
+            )
+        if not (data / "PG_VERSION").is_file():
+            raise BackupError(
+                f"{option}: {data} is not a PostgreSQL data directory (no PG_VERSION); "
+                "refusing to replace it"
+            )
+        if (data / "postmaster.pid").exists():
+            raise BackupError(
+                f"{option}: PostgreSQL is running on {data} (postmaster.pid exists); stop it "
+                "before a physical restore (or use --pg-mode logical); nothing was changed"
+            )
+        if os.stat(data).st_dev != os.stat(data.parent).st_dev:
+            raise BackupError(f"{option}: {data} is on another filesystem than its parent")
+    for path in (target.staged_dir(backup_id), target.kept_dir(backup_id)):
+        if path.exists():
+            raise BackupError(f"{path} already exists (an earlier restore?); move it away first")
+    if os.geteuid() != 0 and target.owner_path().stat().st_uid != os.geteuid():
+        raise BackupError(
+            f"{option}: {target.owner_path()} belongs to another user; run the restore as its "
+            "owner (the postgres user) or as root"
+        )
+    if os.geteuid() == 0 and target.owner_path().stat().st_uid == 0:
+        raise BackupError(
+            f"{option}: {target.owner_path()} belongs to root; PostgreSQL cannot run on it "
+            "(chown it to the postgres user first)"
+        )
+    version = str(component.get("server_version", ""))
+    backup_major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else None
+    server_major = server_major_version(target.bin_dir)
+    if backup_major is not None and backup_major != server_major:
+        raise BackupError(
+            f"--pg-bin-dir: the backup is of PostgreSQL {backup_major}, the binaries in "
+            f"{target.bin_dir} are {server_major}; a physical backup needs the same major version"
+        )
+
+
+def check_cluster(
+    data_dir: Path,
+    bin_dir: Path,
+    component: Mapping[str, Any],
+    work_dir: Path,
+    jobs: int,
+    *,
+    durable: bool,
+    where: str,
+) -> dict[str, int]:
+    """Start a private postgres on the extracted copy (WAL replay), compare row counts with
+    the manifest, shut it down cleanly. ``durable``: fsync on, so PostgreSQL syncs the whole
+    directory during recovery (for a copy that will go live)."""
+    physical = component["physical"]
+    server = LocalPostgres(
+        bin_dir, work_dir, jobs, data_dir=data_dir, user=str(physical["user"]), durable=durable
+    )
+    try:
+        database = str(component["database"])
+        settings = pg.PostgresSettings(database, server.settings.libpq_env, jobs, None)
+        counts = pg.row_counts(settings, database)
+        counts_within(component["row_counts"], physical["row_counts_after"], counts, where)
+        server.stop_checked()
+    finally:
+        server.stop()
+    return counts
+
+
+def swap_in(target: PhysicalTarget, staged: Path, backup_id: str) -> str:
+    """Rename live -> <data>.pre-restore-<id>, staged -> live (the server must be stopped)."""
+    data = target.data_dir
+    kept = target.kept_dir(backup_id)
+    had_old = data.exists()
+    if had_old:
+        if (data / "postmaster.pid").exists():
+            raise BackupError(
+                f"PostgreSQL was started on {data} during the restore; nothing was swapped"
+            )
+        os.rename(data, kept)
+    try:
+        os.rename(staged, data)
+    except OSError:
+        if had_old:
+            os.rename(kept, data)
+        raise
+    if had_old:
+        return f"postgres: previous data directory kept as {kept} (remove it when satisfied)"
+    return f"postgres: data directory {data} created (there was none before)"
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
