@@ -16,6 +16,7 @@ import email
 import email.policy
 import ipaddress
 import json
+import logging
 import secrets
 import socket
 import subprocess
@@ -494,6 +495,9 @@ def start_live_monitoring(
         processes=processes,
         ports=ports,
     )
+    # aiosmtpd logs a warning per connection for AUTH without TLS and for its own use of a
+    # deprecated attribute; both are expected here and drown the useful output.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     try:
         controller = SinkController(
             sink,
