@@ -17,6 +17,7 @@ import email.policy
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import socket
 import subprocess
@@ -240,11 +241,13 @@ class Process:
     name: str
     args: list[str]
     log: Path
+    extra_env: dict[str, str] = field(default_factory=dict)  # never secrets
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        env = {**os.environ, **self.extra_env}
         with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def stop(self) -> None:
         proc = self.popen
