@@ -36,37 +36,17 @@ from components.monitoring_config import (
     HEALTHCHECK_TESTS,
     MONITORING_IMAGES,
     PROMETHEUS_FILE,
-    AppMetricNames,
     MonitoringSettings,
     render_all,
 )
+from components.monitoring_render import settings_from_config
 from components.redis_tls import RedisTls
 from components.service_files import POSTGRES_DB, POSTGRES_MONITOR_USER, REDIS_PORT
 from components.stack_secrets import StackSecrets
 
 TEXTFILE_DIR = "/textfile"
-SMTP_PASSWORD_FILE = f"{CONFIG_DIR}/secrets/smtp_password"
 # The prom/* images run as nobody.
 NOBODY = "65534:65534"
-
-
-def monitoring_settings(cfg: StackConfig) -> MonitoringSettings:
-    """The one mapping from stack config to monitoring settings (also used by the CLI)."""
-    return MonitoringSettings(
-        stack=cfg.stack,
-        alert_email=cfg.alert_email,
-        smtp_smarthost=cfg.smtp.smarthost,
-        smtp_from=cfg.smtp.sender,
-        smtp_username=cfg.smtp.username,
-        smtp_require_tls=cfg.smtp.require_tls,
-        smtp_password_file=SMTP_PASSWORD_FILE,
-        heartbeat_url=cfg.heartbeat_url,
-        metrics=AppMetricNames(
-            cache_hits=cfg.metrics.cache_hits,
-            cache_misses=cfg.metrics.cache_misses,
-            llm_errors=cfg.metrics.llm_errors,
-        ),
-    )
 
 
 def redis_exporter_password_file(redis_uri: str, password: str) -> str:
@@ -94,7 +74,7 @@ class Monitoring(pulumi.ComponentResource):
         cfg = args.config
         n = cfg.resource_name
         child = pulumi.ResourceOptions(parent=self)
-        self.settings = monitoring_settings(cfg)
+        self.settings = settings_from_config(cfg)
         files = render_all(self.settings)
 
         self.monitoring_network = docker.Network(
@@ -222,6 +202,8 @@ class Monitoring(pulumi.ComponentResource):
                     f"--tls-ca-cert-file={CONFIG_DIR}/tls/ca.crt",
                     f"--tls-client-cert-file={CONFIG_DIR}/tls/client.crt",
                     f"--tls-client-key-file={CONFIG_DIR}/tls/client.key",
+                    # Below the 10 s scrape timeout: a hung Redis reads redis_up 0.
+                    "--connection-timeout=5s",
                 ],
                 user=NOBODY,
                 files_owner=NOBODY,

@@ -17,12 +17,16 @@ from pathlib import Path
 
 import yaml
 
+from components.config import SECRET_KEYS, ConfigError, StackConfig, parse_stack_config
 from components.monitoring_config import (
     AppMetricNames,
     MonitoringConfigError,
     MonitoringSettings,
     render_all,
 )
+
+# Where the Monitoring component mounts Alertmanager's SMTP password file.
+SMTP_PASSWORD_FILE = "/etc/rag/secrets/smtp_password"  # noqa: S105 (a path)
 
 PROJECT = "personal-rag"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,51 +60,41 @@ def read_stack_file(path: Path) -> dict[str, str]:
     }
 
 
-def settings_from_stack_config(stack: str, raw: Mapping[str, str]) -> MonitoringSettings:
-    """MonitoringSettings from a stack's raw config (key -> string).
-
-    The one place that maps stack config keys to monitoring settings; it reads only the
-    keys monitoring needs so it can be swapped for ``components.config.parse_stack_config``.
-    """
-    problems: list[str] = []
-
-    def required(key: str, expected: str) -> str:
-        value = raw.get(key, "")
-        if not value:
-            problems.append(f"{PROJECT}:{key} is not set; expected {expected}")
-        return value
-
-    alert_email = required("alertEmail", "an email address, e.g. you@example.com")
-    smarthost = required("smtpHost", "host:port, e.g. smtp.example.com:587")
-    smtp_from = required("smtpFrom", "an email address, e.g. alerts@example.com")
-    username = required("smtpUsername", "the SMTP login name")
-    require_tls_text = raw.get("smtpRequireTls", "true").lower()
-    if require_tls_text not in ("true", "false"):
-        problems.append(
-            f"{PROJECT}:smtpRequireTls = {raw['smtpRequireTls']!r} is invalid; "
-            "expected true or false"
-        )
-    if problems:
-        raise StackFileError(
-            f"stack {stack!r} lacks monitoring settings:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
-    defaults = AppMetricNames()
-    metrics = AppMetricNames(
-        cache_hits=raw.get("cacheHitsMetric") or defaults.cache_hits,
-        cache_misses=raw.get("cacheMissesMetric") or defaults.cache_misses,
-        llm_errors=raw.get("llmErrorsMetric") or defaults.llm_errors,
-    )
+def settings_from_config(cfg: StackConfig) -> MonitoringSettings:
+    """The one mapping from a stack's validated config to its monitoring settings, used by
+    the Monitoring component and by this command."""
     return MonitoringSettings(
-        stack=stack,
-        alert_email=alert_email,
-        smtp_smarthost=smarthost,
-        smtp_from=smtp_from,
-        smtp_username=username,
-        smtp_require_tls=require_tls_text != "false",
-        heartbeat_url=raw.get("heartbeatUrl") or None,
-        metrics=metrics,
+        stack=cfg.stack,
+        alert_email=cfg.alert_email,
+        smtp_smarthost=cfg.smtp.smarthost,
+        smtp_from=cfg.smtp.sender,
+        smtp_username=cfg.smtp.username,
+        smtp_require_tls=cfg.smtp.require_tls,
+        smtp_password_file=SMTP_PASSWORD_FILE,
+        heartbeat_url=cfg.heartbeat_url,
+        metrics=AppMetricNames(
+            cache_hits=cfg.metrics.cache_hits,
+            cache_misses=cfg.metrics.cache_misses,
+            llm_errors=cfg.metrics.llm_errors,
+        ),
     )
+
+
+def settings_from_stack_config(stack: str, raw: Mapping[str, str]) -> MonitoringSettings:
+    """Validate a stack file's settings as ``pulumi up`` would, then map them.
+
+    Rendering never reads a secret: the secret keys get a stand-in (never written, since
+    the files only name the password file), so only non-secret values are checked.
+    """
+    stand_ins = {key: "<not read when rendering>" for key in SECRET_KEYS if key != "ghcrToken"}
+    cfg = parse_stack_config(
+        stack,
+        {**stand_ins, **raw},
+        secret_keys=SECRET_KEYS,
+        # Host paths belong to the Docker host, not to the machine rendering.
+        docker_host="ssh://render-only",
+    )
+    return settings_from_config(cfg)
 
 
 def write_files(files: Mapping[str, str], out_dir: Path) -> list[Path]:
@@ -132,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_file = args.config_file or REPO_ROOT / f"Pulumi.{args.stack}.yaml"
     try:
         settings = settings_from_stack_config(args.stack, read_stack_file(config_file))
-    except (StackFileError, MonitoringConfigError) as error:
+    except (StackFileError, ConfigError, MonitoringConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path in write_files(render_all(settings), args.out):

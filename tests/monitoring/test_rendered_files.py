@@ -83,6 +83,9 @@ config:
     secure: AAABAEncryptedSmtpPasswordCiphertextZZZ
   personal-rag:heartbeatUrl: https://hc-ping.example.com/abc
   personal-rag:llmErrorsMetric: myapp_llm_failures_total
+  personal-rag:image: ghcr.io/example/rag_personal
+  personal-rag:imageTag: 3f9c2ab
+  personal-rag:portOffset: "10000"
 """
 
 

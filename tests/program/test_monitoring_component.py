@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
+from components.monitoring_render import main as render_main
 from tests.pulumi_harness import ProgramRun, is_secret, run_program
 
 STACKS = ("staging", "prod")
@@ -106,3 +108,18 @@ def test_redis_exporter_uses_its_own_user_cert_and_password_file(
         password_map = json.loads(files["secrets/redis_password.json"])
         assert list(password_map) == [f"rediss://rag-{stack}-redis:6379"]
         assert {"tls/ca.crt", "tls/client.crt", "tls/client.key"} <= set(files)
+
+
+def test_render_command_writes_what_the_stack_deploys(
+    runs: dict[str, ProgramRun], tmp_path: Path
+) -> None:
+    """The PR lint command and `pulumi up` must agree, file for file."""
+    for stack, run in runs.items():
+        out = tmp_path / stack
+        assert render_main(["--stack", stack, "--out", str(out)]) == 0
+        deployed = {
+            **uploads(run, f"rag-{stack}-prometheus"),
+            **uploads(run, f"rag-{stack}-alertmanager"),
+        }
+        for name in ("prometheus.yml", "alerts.yml", "alertmanager.yml"):
+            assert (out / name).read_text() == deployed[name], (stack, name)
