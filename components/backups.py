@@ -3,9 +3,10 @@ weekly restore drill), its own encrypted backups volume, and metrics into monito
 
 The image is built by Pulumi on the Docker host from ``docker/backup/Dockerfile`` (no
 registry). The job joins only the stack's internal backend network, reads the data it
-backs up (Chroma read-only; PostgreSQL and Redis over the network with its own
-credentials and client certificate), writes only its backups volume, a scratch volume
-for drills and the node_exporter textfile volume. No Docker socket.
+backs up (PostgreSQL and Redis over the network with its own credentials and client
+certificate; the Chroma volume, mounted writable only so that it can hold SQLite's lock
+during the snapshot), writes its backups volume, a scratch volume for drills and the
+node_exporter textfile volume. No Docker socket.
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ class Backups(pulumi.ComponentResource):
                     backups_mount,
                     volume_mount(scratch.name, SCRATCH_DIR),
                     volume_mount(textfile.name, TEXTFILE_DIR),
-                    volume_mount(args.app.volume_names["chroma"], CHROMA_DIR, read_only=True),
+                    # Read-write only because a consistent snapshot takes SQLite's write
+                    # lock on chroma.sqlite3 (docs/backup.md); the job writes no file there.
+                    volume_mount(args.app.volume_names["chroma"], CHROMA_DIR),
                 ],
                 tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
                 memory_mb=1024,
