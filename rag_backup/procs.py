@@ -4,6 +4,7 @@ cannot deadlock, and a registry so an interrupt can stop every child before clea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import tempfile
@@ -46,6 +47,9 @@ class Proc:
             raise BackupError(f"cannot run {argv[0]} for {name}: {error.strerror}") from error
         with _live_lock:
             _live.add(self.popen)
+        for stream in (self.popen.stdin, self.popen.stdout):
+            if stream is not None:
+                _enlarge_pipe(stream.fileno())
 
     @property
     def stdout(self) -> IO[bytes]:
@@ -90,6 +94,16 @@ class Proc:
                 with contextlib.suppress(OSError):
                     stream.close()
         self._stderr.close()
+
+
+PIPE_SIZE = 1 << 20
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """1 MiB pipe buffers instead of 64 KiB: far fewer context switches between the
+    stages of a pipeline (the system's pipe-max-size permitting)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def last_lines(text: str, count: int = 3) -> str:

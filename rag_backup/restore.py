@@ -19,7 +19,7 @@ from typing import IO, Any
 from rag_backup import chroma, metrics, pg, physical, redis_ops
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
-from rag_backup.localpg import LocalPostgres, find_server_bin_dir
+from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_of
 from rag_backup.ops import check_ciphertext, check_encryption_matches
 from rag_backup.procs import kill_all_children
 from rag_backup.progress import Progress, log
@@ -103,7 +103,7 @@ def _extract_chroma(cipher: Cipher, entry: BackupEntry, target: Path) -> None:
     with _checked_plaintext(cipher, entry, artifact, "chroma") as stream:
         # The ciphertext's SHA-256 covers every byte of the archive, so the files are not
         # hashed again here; names and sizes are still checked against the manifest.
-        chroma.read_archive(stream, files, target, hash_files=False)
+        chroma.extract_with_tar(stream, files, target)
     problem = chroma.sqlite_integrity(target / chroma.SQLITE_NAME)
     if problem != "ok":
         raise BackupError(f"chroma: restored {chroma.SQLITE_NAME} fails integrity_check: {problem}")
@@ -154,6 +154,7 @@ class _Staged:
     chroma_dir: Path | None = None
     pg_file_dir: Path | None = None
     pg_data_dir: Path | None = None  # physical: the extracted, checked cluster
+    redis_keys: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -260,6 +261,9 @@ def _check_targets(cfg: RestoreConfig, entry: BackupEntry, components: tuple[str
             raise BackupError("restoring redis needs --redis-data-dir / REDIS_DATA_DIR")
         if not cfg.redis.data_dir.is_dir():
             raise BackupError(f"--redis-data-dir: {cfg.redis.data_dir} is not a directory")
+        keep = cfg.redis.data_dir / f"rag-pre-restore-{entry.backup_id}"
+        if keep.exists():
+            raise BackupError(f"{keep} already exists; move it away first; nothing was changed")
         if cfg.redis.live is not None and redis_ops.remote_answers(cfg.redis.live):
             raise BackupError(
                 f"redis at {cfg.redis.live.describe()} is still running; stop it before "
@@ -333,7 +337,10 @@ def _stage_all(
             rdb = staged.redis_dir / redis_target.dbfilename
             _decrypt_to_file(cipher, entry, "redis", rdb, progress)
             redis_ops.check_rdb_file(rdb)
-            log("redis: RDB staged and checked")
+            staged.redis_keys = _stage_redis_aof(
+                redis_target, staged.redis_dir, entry.manifest["components"]["redis"]
+            )
+            log("redis: RDB staged and checked, AOF rewritten and loaded in the staging dir")
 
         tasks.append(_timed(staged.timings, "stage redis", stage_redis))
     if "chroma" in components:
@@ -351,6 +358,42 @@ def _stage_all(
     _run_parallel(tasks)
 
 
+def _stage_redis_aof(target: RedisTarget, staging: Path, component: dict[str, Any]) -> int:
+    """In the staging dir: load the RDB with AOF off (with AOF on, redis would ignore the
+    RDB), turn AOF on (redis rewrites it from memory), then prove that a start with AOF on
+    loads the same keys. Returns the key count."""
+    server = redis_ops.LocalRedis(
+        target.server_cmd,
+        staging,
+        dbfilename=target.dbfilename,
+        appenddirname=target.appenddirname,
+        appendonly=False,
+    )
+    try:
+        loaded = redis_ops.total_keys(server.keyspace())
+        if not redis_ops.keys_within_backup_range(component, loaded):
+            raise BackupError(
+                f"redis: restored {loaded} keys; the backup saw {component['keys_before']}"
+            )
+        server.enable_aof_and_wait()
+    finally:
+        server.stop()
+    check = redis_ops.LocalRedis(
+        target.server_cmd,
+        staging,
+        dbfilename=target.dbfilename,
+        appenddirname=target.appenddirname,
+        appendonly=True,
+    )
+    try:
+        from_aof = redis_ops.total_keys(check.keyspace())
+    finally:
+        check.stop()
+    if from_aof != loaded:
+        raise BackupError(f"redis: the rewritten AOF loads {from_aof} keys, expected {loaded}")
+    return loaded
+
+
 def _stage_pg_physical(
     cfg: RestoreConfig,
     entry: BackupEntry,
@@ -366,11 +409,11 @@ def _stage_pg_physical(
     if os.geteuid() == 0:
         os.chown(data, owner.st_uid, owner.st_gid)
     log(f"postgres: extracting the base backup into {data}")
+    started = time.monotonic()
     artifact = _artifact(entry, "postgres", physical.KIND)
     with _checked_plaintext(cipher, entry, artifact, "postgres") as stream:
-        physical.read_archive(stream, data)
-    if os.geteuid() == 0:
-        physical.chown_tree(data, owner.st_uid, owner.st_gid)
+        physical.extract_with_tar(stream, data, run_as_owner_of(data))
+    staged.timings["postgres extract (in stage)"] = time.monotonic() - started
     log("postgres: starting a private server on the copy to replay its WAL and count rows")
     work = Path(tempfile.mkdtemp(prefix="rag-restore-pg-"))
     try:
@@ -480,7 +523,6 @@ def _swap_redis(cfg: RestoreConfig, entry: BackupEntry, staged: _Staged) -> str:
         if (data / name).exists():
             os.rename(data / name, keep / name)
             moved.append(name)
-    component = entry.manifest["components"]["redis"]
 
     def rollback() -> None:
         for name in (target.dbfilename, target.appenddirname):
@@ -494,42 +536,14 @@ def _swap_redis(cfg: RestoreConfig, entry: BackupEntry, staged: _Staged) -> str:
         keep.rmdir()
 
     try:
-        os.rename(staged.redis_dir / target.dbfilename, data / target.dbfilename)
-        # Load the RDB with AOF off (with AOF on, redis would ignore the RDB), then turn
-        # AOF on: redis rewrites it from memory; then prove an AOF start loads the same.
-        server = redis_ops.LocalRedis(
-            target.server_cmd,
-            data,
-            dbfilename=target.dbfilename,
-            appenddirname=target.appenddirname,
-            appendonly=False,
-        )
-        try:
-            loaded = redis_ops.total_keys(server.keyspace())
-            if not redis_ops.keys_within_backup_range(component, loaded):
-                raise BackupError(
-                    f"redis: restored {loaded} keys; the backup saw {component['keys_before']}"
-                )
-            server.enable_aof_and_wait()
-        finally:
-            server.stop()
-        check = redis_ops.LocalRedis(
-            target.server_cmd,
-            data,
-            dbfilename=target.dbfilename,
-            appenddirname=target.appenddirname,
-            appendonly=True,
-        )
-        try:
-            from_aof = redis_ops.total_keys(check.keyspace())
-        finally:
-            check.stop()
-        if from_aof != loaded:
-            raise BackupError(f"redis: the rewritten AOF loads {from_aof} keys, expected {loaded}")
+        # Staged and checked already (RDB loaded, AOF rewritten and loaded again, in the
+        # staging directory); a rename does not change the files.
+        for name in (target.dbfilename, target.appenddirname):
+            os.rename(staged.redis_dir / name, data / name)
     except BaseException:
         rollback()
         raise
-    log(f"redis: {loaded} keys restored into {data}; AOF rewritten")
+    log(f"redis: {staged.redis_keys} keys restored into {data}; AOF rewritten")
     return f"redis: previous {', '.join(moved) or 'data (none)'} kept in {keep}"
 
 
@@ -632,13 +646,12 @@ def _drill_physical_task(
         data = root / "data"
         data.mkdir(mode=0o700)
         artifact = _artifact(entry, "postgres", physical.KIND)
-        with _checked_plaintext(cipher, entry, artifact, "postgres") as stream:
-            physical.read_archive(stream, data)
         if os.geteuid() == 0:
             # PostgreSQL refuses to run as root; the copy must belong to the postgres user.
             shutil.chown(root, "postgres", "postgres")
-            owner = root.stat()
-            physical.chown_tree(data, owner.st_uid, owner.st_gid)
+            shutil.chown(data, "postgres", "postgres")
+        with _checked_plaintext(cipher, entry, artifact, "postgres") as stream:
+            physical.extract_with_tar(stream, data, run_as_owner_of(data))
         counts = physical.check_cluster(
             data, bin_dir, component, work, cfg.jobs, durable=False, where="postgres (physical)"
         )

@@ -191,3 +191,31 @@ def test_drill_passes_on_good_backup_and_fails_on_corrupted(
     assert success_line in prom.splitlines()  # the last success is remembered
     assert list(tmp_path.glob("rag-drill-*")) == []
     assert DATABASE in stack.pg.psql("SELECT datname FROM pg_database")
+
+
+def test_chroma_archive_not_matching_its_manifest_list_is_refused(
+    backed_up: tuple[Stack, str], tmp_path: Path
+) -> None:
+    """The restore no longer hashes each Chroma file (the ciphertext's SHA-256 covers the
+    archive), but the extracted tree must still be exactly the manifest's files and sizes."""
+    stack, backup_id = backed_up
+    backups, env = _copy_backups(stack, tmp_path)
+    manifest_path = backups / backup_id / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["components"]["chroma"]["files"].append(
+        {"path": "ghost/data_level0.bin", "size": 1, "sha256": "0" * 64}
+    )
+    manifest_path.write_text(json.dumps(manifest))
+    live_before = _live(stack)
+    restore = run_cli(["restore", backup_id, "--yes", *stack.restore_args()], env)
+    assert restore.returncode != 0
+    assert "chroma archive lacks 1 file(s), e.g. ghost/data_level0.bin" in restore.stderr
+    assert _live(stack) == live_before
+
+    manifest["components"]["chroma"]["files"].pop()
+    manifest["components"]["chroma"]["files"][-1]["size"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+    wrong_size = run_cli(["restore", backup_id, "--yes", *stack.restore_args()], env)
+    assert wrong_size.returncode != 0
+    assert "does not match its checksum (size)" in wrong_size.stderr
+    assert _live(stack) == live_before
