@@ -32,6 +32,7 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    stack_volume,
     volume_mount,
 )
 from components.redis_tls import RedisTls
@@ -67,16 +68,6 @@ class AppStackArgs:
     image_ref: pulumi.Input[str]
     secrets: StackSecrets
     redis_tls: RedisTls
-
-
-def _volume(name: str, parent: pulumi.Resource, data: bool) -> docker.Volume:
-    # Data volumes outlive the stack: `pulumi destroy` leaves them (nothing is lost).
-    return docker.Volume(
-        name,
-        name=name,
-        labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value="data")],
-        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=data),
-    )
 
 
 def redis_client_url(cfg: StackConfig, user: str, tls_dir: str) -> str:
@@ -119,10 +110,10 @@ class AppStack(pulumi.ComponentResource):
                 # delete what it did not create.
                 self.volume_names[role] = pulumi.Output.from_input(adopted)
             else:
-                self.volume_names[role] = _volume(n(f"{role}-data"), self, data=True).name
-        postgres_socket = _volume(n("postgres-socket"), self, data=False)
-        caddy_data = _volume(n("caddy-data"), self, data=True)
-        caddy_state = _volume(n("caddy-state"), self, data=False)
+                self.volume_names[role] = stack_volume(n(f"{role}-data"), self, "data", True).name
+        postgres_socket = stack_volume(n("postgres-socket"), self, "socket", False)
+        caddy_data = stack_volume(n("caddy-data"), self, "certificates", True)
+        caddy_state = stack_volume(n("caddy-state"), self, "state", False)
 
         secrets = args.secrets
         tls = args.redis_tls
@@ -367,6 +358,6 @@ class AppStack(pulumi.ComponentResource):
             if host_path:
                 mounts.append(bind_mount(host_path, target, read_only=True))
             else:
-                volume = _volume(cfg.resource_name(folder), self, data=True)
+                volume = stack_volume(cfg.resource_name(folder), self, "documents", True)
                 mounts.append(volume_mount(volume.name, target, read_only=True))
         return mounts

@@ -27,6 +27,7 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    stack_volume,
     volume_mount,
 )
 from components.monitoring import TEXTFILE_DIR, Monitoring
@@ -88,16 +89,10 @@ class Backups(pulumi.ComponentResource):
             backups_mount = bind_mount(schedule.host_path, BACKUP_DIR, read_only=False)
             self.backups_location = pulumi.Output.from_input(schedule.host_path)
         else:
-            # Data: outlives the stack (retain on delete), never shared with another stack.
-            backups_volume = docker.Volume(
-                n("backups"),
-                name=n("backups"),
-                labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value="backups")],
-                opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True),
-            )
+            backups_volume = stack_volume(n("backups"), self, "backups", holds_data=True)
             backups_mount = volume_mount(backups_volume.name, BACKUP_DIR)
             self.backups_location = backups_volume.name
-        scratch = docker.Volume(n("backup-scratch"), name=n("backup-scratch"), opts=child)
+        scratch = stack_volume(n("backup-scratch"), self, "scratch", holds_data=False)
         textfile = args.monitoring.textfile_volume
 
         # The job runs as the api's user so it can read Chroma's files; this one-shot

@@ -82,6 +82,19 @@ class ServiceSpec:
     one_shot: bool = False
 
 
+def stack_volume(
+    name: str, parent: pulumi.Resource, purpose: str, holds_data: bool
+) -> docker.Volume:
+    """Docker volume ``name`` (it carries the stack). Volumes that hold data outlive the
+    stack: ``pulumi destroy`` leaves them (retain on delete), so nothing is lost."""
+    return docker.Volume(
+        name,
+        name=name,
+        labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value=purpose)],
+        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=holds_data),
+    )
+
+
 def volume_mount(
     source: pulumi.Input[str], target: str, read_only: bool = False
 ) -> docker.ContainerMountArgs:
@@ -146,12 +159,7 @@ def hardened_container(
     all_labels.update(labels or {})
     deps = list(depends_on)
     if spec.files:
-        config_volume = docker.Volume(
-            f"{name}-config",
-            name=f"{name}-config",
-            labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value="config")],
-            opts=pulumi.ResourceOptions(parent=parent),
-        )
+        config_volume = stack_volume(f"{name}-config", parent, "config", holds_data=False)
         init = docker.Container(
             f"{name}-config-init",
             name=f"{name}-config-init",

@@ -28,6 +28,7 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    stack_volume,
     volume_mount,
 )
 from components.monitoring_config import (
@@ -83,18 +84,10 @@ class Monitoring(pulumi.ComponentResource):
         backend = NetworkAttachment(args.app.backend_network)
         monitoring = NetworkAttachment(self.monitoring_network)
 
-        def volume(role: str, data: bool) -> docker.Volume:
-            return docker.Volume(
-                n(role),
-                name=n(role),
-                labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value=role)],
-                opts=pulumi.ResourceOptions(parent=self, retain_on_delete=data),
-            )
-
-        prometheus_data = volume("prometheus-data", data=True)
-        alertmanager_data = volume("alertmanager-data", data=True)
+        prometheus_data = stack_volume(n("prometheus-data"), self, "metrics", True)
+        alertmanager_data = stack_volume(n("alertmanager-data"), self, "alerts", True)
         # Written by the backup job, read by node_exporter's textfile collector.
-        self.textfile_volume = volume("metrics-textfile", data=False)
+        self.textfile_volume = stack_volume(n("metrics-textfile"), self, "textfile", False)
         loopback = "127.0.0.1"
 
         alertmanager = hardened_container(

@@ -277,6 +277,8 @@ class ProgramRun:
     exports: dict[str, tuple[Any, bool]]  # name -> (value, is_secret)
     generated_secrets: list[str]
     config: dict[str, str] = field(default_factory=dict)
+    # (type, logical name) -> the ResourceOptions the program passed (mocks never see them)
+    options: dict[tuple[str, str], pulumi.ResourceOptions] = field(default_factory=dict)
 
     def of_type(self, typ: str) -> list[Recorded]:
         return [r for r in self.resources if r.typ == typ]
@@ -332,14 +334,25 @@ def run_program(
     def capture(name: str, value: Any) -> None:
         exported[name] = value
 
+    options: dict[tuple[str, str], pulumi.ResourceOptions] = {}
+    custom_init = pulumi.CustomResource.__init__
+
+    def recording_init(
+        self: Any, t: str, name: str, props: Any = None, opts: Any = None, *a: Any, **kw: Any
+    ) -> None:
+        options[(t, name)] = opts or pulumi.ResourceOptions()
+        custom_init(self, t, name, props, opts, *a, **kw)
+
     @pulumi.runtime.test
     def program() -> Any:
         original = pulumi.export
         pulumi.export = capture
+        pulumi.CustomResource.__init__ = recording_init  # type: ignore[method-assign]
         try:
             runpy.run_path(str(REPO / "__main__.py"), run_name="__main__")
         finally:
             pulumi.export = original
+            pulumi.CustomResource.__init__ = custom_init  # type: ignore[method-assign]
 
         async def resolve() -> None:
             for key, value in exported.items():
@@ -349,4 +362,4 @@ def run_program(
         return pulumi.Output.from_input(resolve())
 
     program()
-    return ProgramRun(stack, mocks.resources, exports, mocks.generated_secrets, config)
+    return ProgramRun(stack, mocks.resources, exports, mocks.generated_secrets, config, options)

@@ -276,3 +276,22 @@ def test_adopted_volumes_are_used_in_place_not_created() -> None:
     api_sources = {m["source"] for m in run.containers["rag-prod-api"].inputs["mounts"]}
     assert "rag_postgres_data" in pg_sources
     assert "rag_chroma_data" in api_sources
+
+
+def test_nothing_that_holds_data_is_deleted_with_the_stack(runs: dict[str, ProgramRun]) -> None:
+    for stack, run in runs.items():
+        for name in ("redis-data", "postgres-data", "chroma-data", "backups", "prometheus-data"):
+            opts = run.options[("docker:index/volume:Volume", f"rag-{stack}-{name}")]
+            assert opts.retain_on_delete is True, name
+        config_opts = run.options[("docker:index/volume:Volume", f"rag-{stack}-redis-config")]
+        assert not config_opts.retain_on_delete  # generated copies only
+
+
+def test_fixed_name_containers_are_deleted_before_replacement(
+    runs: dict[str, ProgramRun],
+) -> None:
+    # Names carry the stack and are fixed; create-before-delete would collide.
+    for run in runs.values():
+        for name in run.containers:
+            opts = run.options[("docker:index/container:Container", name)]
+            assert opts.delete_before_replace is True, name
