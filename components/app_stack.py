@@ -43,6 +43,7 @@ from components.service_files import (
     REDIS_PORT,
     RedisServerPaths,
     render_caddyfile,
+    render_pg_hba,
     render_pgpass,
     render_postgres_migration,
     render_redis_acl,
@@ -53,7 +54,7 @@ from components.stack_secrets import StackSecrets
 REDIS_IMAGE = "redis:7.4.2-alpine"
 POSTGRES_IMAGE = "postgres:15.10-bookworm"
 CADDY_IMAGE = "caddy:2.8.4-alpine"
-POSTGRES_DATA_DIR = "/var/lib/postgresql/data"
+POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # the volume's mount point
 POSTGRES_SOCKET_DIR = "/var/run/postgresql"
 CHROMA_DIR = "/workspace/data/chroma"
 
@@ -68,6 +69,16 @@ class AppStackArgs:
     image_ref: pulumi.Input[str]
     secrets: StackSecrets
     redis_tls: RedisTls
+
+
+def postgres_pgdata(cfg: StackConfig) -> str:
+    """The cluster lives in a subdirectory of its volume, so a physical restore can swap
+    directories by rename (a mount point cannot be renamed). An adopted compose volume
+    keeps its cluster at the volume root, where it already is (docs: moving it once
+    enables physical restores)."""
+    if "postgres" in cfg.adopt_volumes:
+        return POSTGRES_DATA_DIR
+    return f"{POSTGRES_DATA_DIR}/pgdata"
 
 
 def redis_client_url(cfg: StackConfig, user: str, tls_dir: str) -> str:
@@ -168,7 +179,13 @@ class AppStack(pulumi.ComponentResource):
             ServiceSpec(
                 service="postgres",
                 image=POSTGRES_IMAGE,
-                command=["postgres", "-c", "password_encryption=scram-sha-256"],
+                command=[
+                    "postgres",
+                    "-c",
+                    "password_encryption=scram-sha-256",
+                    "-c",
+                    f"hba_file={CONFIG_DIR}/pg_hba.conf",
+                ],
                 user="postgres",
                 files_owner="postgres:postgres",
                 env={
@@ -177,7 +194,7 @@ class AppStack(pulumi.ComponentResource):
                     "POSTGRES_PASSWORD_FILE": f"{CONFIG_DIR}/secrets/postgres_password",
                     "POSTGRES_INITDB_ARGS": "--auth-host=scram-sha-256",
                     "POSTGRES_HOST_AUTH_METHOD": "scram-sha-256",
-                    "PGDATA": f"{POSTGRES_DATA_DIR}/pgdata",
+                    "PGDATA": postgres_pgdata(cfg),
                 },
                 networks=[NetworkAttachment(self.backend_network, aliases=["postgres"])],
                 mounts=[
@@ -188,6 +205,7 @@ class AppStack(pulumi.ComponentResource):
                 memory_mb=1024,
                 healthcheck=["CMD", "pg_isready", "-U", POSTGRES_USER, "-d", POSTGRES_DB],
                 files=[
+                    ConfigFile("pg_hba.conf", render_pg_hba()),
                     ConfigFile("secrets/postgres_password", secrets.postgres_password, secret=True),
                 ],
             ),

@@ -134,6 +134,18 @@ GRANT pg_monitor TO {POSTGRES_MONITOR_USER};
 """
 
 
+def render_pg_hba(user: str = POSTGRES_USER) -> str:
+    """pg_hba.conf: trust only on the Unix socket (a volume shared with the migration job
+    alone), scram-sha-256 for every TCP connection, and replication (the backup job's
+    pg_basebackup) only for ``user`` from the stack's own networks."""
+    return (
+        "# TYPE  DATABASE     USER   ADDRESS  METHOD\n"
+        "local   all          all             trust\n"
+        "host    all          all    all      scram-sha-256\n"
+        f"host    replication  {user}    samenet  scram-sha-256\n"
+    )
+
+
 def render_pgpass(host: str, user: str, password: str, database: str = "*") -> str:
     """libpq password file line (PGPASSFILE); ':' and '\\' escaped as libpq wants."""
 

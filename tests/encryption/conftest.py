@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from components.containers import CONFIG_DIR
 from tests.encryption.helpers import (
     START_TIMEOUT_S,
     TOOL_TIMEOUT_S,
@@ -22,7 +23,9 @@ from tests.encryption.helpers import (
     run_as_postgres,
     start_redis_from_program,
     stop_process,
+    uploaded_files,
     wait_listening,
+    write_files,
 )
 from tests.pulumi_harness import ProgramRun, run_program
 from tests.tooling import require_tool
@@ -102,10 +105,11 @@ def start_postgres_from_program(run: ProgramRun) -> PostgresUnderTest:
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr.strip()}")
-        # What the image allows: trust over its Unix socket, scram over TCP (here loopback).
-        (data_dir / "pg_hba.conf").write_text(
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
-        )
+        # The program's own files (pg_hba.conf via hba_file), as the container gets them.
+        config_dir = write_files(uploaded_files(run, "postgres"), root / "etc-rag")
+        if as_postgres:
+            for path in [config_dir, *config_dir.rglob("*")]:
+                shutil.chown(path, "postgres", "postgres")
         # An older cluster's setting: only the program's server command makes it scram.
         with open(data_dir / "postgresql.conf", "a") as conf:
             conf.write("password_encryption = md5\n")
@@ -115,7 +119,9 @@ def start_postgres_from_program(run: ProgramRun) -> PostgresUnderTest:
             raise AssertionError(f"the PostgreSQL container does not run postgres: {command}")
         log = root / "postgres.log"
         port = free_port()
-        argv = [str(postgres_bin), *command[1:], "-D", str(data_dir)]
+        server_args = [arg.replace(f"{CONFIG_DIR}/", f"{config_dir}/") for arg in command[1:]]
+        assert any(arg.startswith(f"hba_file={config_dir}/") for arg in server_args), command
+        argv = [str(postgres_bin), *server_args, "-D", str(data_dir)]
         argv += ["-c", "listen_addresses=127.0.0.1", "-c", f"port={port}"]
         argv += ["-c", f"unix_socket_directories={socket_dir}", "-c", "fsync=off"]
         with open(log, "ab") as log_file:

@@ -6,6 +6,7 @@ pgcrypto encrypts with the stack's data key.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -252,3 +253,49 @@ def test_postgres_container_env_names_files_not_passwords(runs: dict[str, Progra
         envs = "\n".join(container_inputs(run, "postgres")["envs"])
         assert _stack_postgres_password(run) not in envs
         assert "POSTGRES_PASSWORD=" not in envs
+
+
+def _base_backup(
+    postgres: PostgresUnderTest, user: str, password: str, target: Path
+) -> subprocess.CompletedProcess[str]:
+    passfile = _pgpass(target.parent, f"127.0.0.1:{postgres.port}:*:{user}:{password}\n")
+    return subprocess.run(
+        [
+            require_tool("pg_basebackup"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(postgres.port),
+            "-U",
+            user,
+            "-D",
+            str(target),
+            "-Ft",
+            "-X",
+            "fetch",
+            "--checkpoint=fast",
+            "-w",
+        ],
+        env={"PATH": os.environ["PATH"], "PGPASSFILE": str(passfile)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_program_pg_hba_lets_the_backup_role_take_a_base_backup(
+    postgres: PostgresUnderTest,
+    migration_runs: list[subprocess.CompletedProcess[str]],
+    runs: dict[str, ProgramRun],
+    tmp_path: Path,
+) -> None:
+    """The physical backup's replication connection, through the program's pg_hba.conf."""
+    run = runs[postgres.stack]
+    result = _base_backup(postgres, "rag", _stack_postgres_password(run), tmp_path / "base")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "base" / "base.tar").stat().st_size > 0
+    # The monitoring role may not replicate.
+    monitor = generated_password(run, "postgres-monitor-password")
+    refused = _base_backup(postgres, "rag_monitor", monitor, tmp_path / "monitor")
+    assert refused.returncode != 0
