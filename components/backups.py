@@ -156,6 +156,8 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_KEEP_DAILY": str(schedule.keep_daily),
                     "RAG_BACKUP_KEEP_WEEKLY": str(schedule.keep_weekly),
                     "RAG_BACKUP_KEEP_MONTHLY": str(schedule.keep_monthly),
+                    "RAG_BACKUP_PG_PHYSICAL": "1" if schedule.pg_physical else "0",
+                    "RAG_BACKUP_PG_BIN_DIR": "/usr/lib/postgresql/15/bin",
                     "TMPDIR": SCRATCH_DIR,
                     "PGHOST": n("postgres"),
                     "PGPORT": "5432",

@@ -136,6 +136,8 @@ class BackupSettings:
     keep_weekly: int
     keep_monthly: int
     host_path: str | None
+    # Also take a pg_basebackup: restores at copy speed; the logical dump is always kept.
+    pg_physical: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "backupKeepWeekly": ("4", False),
     "backupKeepMonthly": ("6", False),
     "backupHostPath": (None, False),
+    "backupPgPhysical": ("true", False),
     "cacheHitsMetric": ("rag_cache_hits_total", False),
     "cacheMissesMetric": ("rag_cache_misses_total", False),
     "llmErrorsMetric": ("rag_llm_errors_total", False),
@@ -397,6 +400,7 @@ def _parse_backup(c: _Collector) -> BackupSettings:
         keep_weekly=c.integer("backupKeepWeekly", 0, 520) or 0,
         keep_monthly=c.integer("backupKeepMonthly", 0, 240) or 0,
         host_path=host_path,
+        pg_physical=c.boolean("backupPgPhysical"),
     )
 
 

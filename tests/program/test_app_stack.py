@@ -295,3 +295,16 @@ def test_fixed_name_containers_are_deleted_before_replacement(
         for name in run.containers:
             opts = run.options[("docker:index/container:Container", name)]
             assert opts.delete_before_replace is True, name
+
+
+def test_cluster_lives_in_a_subdirectory_unless_adopted(runs: dict[str, ProgramRun]) -> None:
+    def pgdata(run: ProgramRun, stack: str) -> str:
+        envs = run.containers[f"rag-{stack}-postgres"].inputs["envs"]
+        return dict(e.split("=", 1) for e in envs)["PGDATA"]
+
+    mount = "/var/lib/postgresql/data"
+    # A subdirectory can be swapped by rename during a physical restore.
+    assert pgdata(runs["prod"], "prod").startswith(mount + "/")
+    adopted = run_program("prod", make_config("prod", adoptVolumes='{"postgres": "old_pg"}'))
+    # compose kept the cluster at the volume root: starting elsewhere would hide the data.
+    assert pgdata(adopted, "prod") == mount

@@ -106,3 +106,11 @@ def test_backup_image_is_built_locally_not_pushed(runs: dict[str, ProgramRun]) -
         (image,) = [r for r in run.of_type("docker:index/image:Image") if "backup" in r.name]
         assert image.inputs["skipPush"] is True
         assert image.inputs["build"]["dockerfile"].endswith("docker/backup/Dockerfile")
+
+
+def test_physical_base_backups_are_on_by_default_and_configurable(
+    runs: dict[str, ProgramRun],
+) -> None:
+    assert env(runs["prod"], "rag-prod-backup")["RAG_BACKUP_PG_PHYSICAL"] == "1"
+    off = run_program("prod", stack_config("prod", backupPgPhysical="false"))
+    assert env(off, "rag-prod-backup")["RAG_BACKUP_PG_PHYSICAL"] == "0"
