@@ -24,6 +24,8 @@ case "$1 $*" in
   *"/workspace/data/chroma"*) echo rag-S-chroma-data ;;
   *'eq .Destination "/data"'*) echo rag-S-redis-data ;;
   *'eq .Destination "/backups"'*) echo rag-S-backups ;;
+  *"{{range .Config.Env}}"*postgres) echo "PGDATA=$FAKE_PGDATA" ;;
+  *'eq .Destination "/var/lib/postgresql/data"'*) echo rag-S-postgres-data ;;
   *"{{range .Config.Env}}"*)
     echo PGHOST=rag-S-postgres
     echo RAG_BACKUP_KEY_FILE=/etc/rag/secrets/backup_passphrase
@@ -38,7 +40,11 @@ exit 0
 
 
 def run_script(
-    tmp_path: Path, *args: str, stdin: str = "", fail_on: str = ""
+    tmp_path: Path,
+    *args: str,
+    stdin: str = "",
+    fail_on: str = "",
+    pgdata: str = "/var/lib/postgresql/data/pgdata",
 ) -> tuple[int, list[str], str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -52,6 +58,7 @@ def run_script(
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "DOCKER_LOG": str(log),
         "FAIL_ON": fail_on,
+        "FAKE_PGDATA": pgdata,
     }
     proc = subprocess.run(
         ["bash", str(SCRIPT), *args],
@@ -85,6 +92,11 @@ def test_verify_first_then_stop_then_restore_then_start(tmp_path: Path) -> None:
     start_redis = index(calls, "start rag-staging-redis")
     assert verify < stop < restore < start_redis
     assert "--yes" in calls[restore]
+    # Physical PostgreSQL restore: the server is stopped too, its cluster swapped.
+    assert "rag-staging-postgres" in calls[stop]
+    assert "--pg-mode physical --pg-data-dir /pg/pgdata" in calls[restore]
+    assert "source=rag-S-postgres-data,target=/pg" in calls[restore]
+    assert index(calls, "start rag-staging-postgres") < index(calls, "start rag-staging-api")
     # Ownership goes back to the services' users before they start again.
     chown = index(calls, "chown -R 999:1000 /redis-data")
     assert restore < chown < start_redis
@@ -118,3 +130,19 @@ def test_staging_from_prod_reads_prods_backups_and_key_read_only(tmp_path: Path)
     assert "RAG_BACKUP_KEY_FILE=/source-keys/secrets/backup_passphrase" in restore
     assert "RAG_BACKUP_KEY_FILE=/etc/rag" not in restore
     assert "--network rag-staging-backend" in restore
+
+
+def test_adopted_cluster_at_the_volume_root_is_restored_logically(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--yes", pgdata="/var/lib/postgresql/data")
+    assert code == 0, err
+    stop = calls[index(calls, "stop rag-staging-api")]
+    assert "postgres" not in stop  # the running server takes the logical dump
+    restore = calls[index(calls, "-m rag_backup restore")]
+    assert "--pg-mode logical" in restore and "target=/pg" not in restore
+    assert not any(c.startswith("start rag-staging-postgres") for c in calls)
+
+
+def test_logical_flag_keeps_postgres_running(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--yes", "--logical")
+    assert code == 0, err
+    assert "--pg-mode logical" in calls[index(calls, "-m rag_backup restore")]
