@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Restore a deployed stack from its backups (or another stack's), then bring it back.
 #
-#   bash scripts/restore-stack.sh STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--yes]
+#   bash scripts/restore-stack.sh STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical]
+#                                       [--key-volume VOLUME] [--yes]
+# --key-volume: a volume holding secrets/backup_passphrase, for backups made under another
+# key (a host rebuilt from nothing, docs/disaster_recovery.md).
 #
 # PostgreSQL comes back from the physical base backup (copy speed; PostgreSQL is stopped
 # and its cluster directory swapped) when the cluster lives in a subdirectory of its
@@ -16,16 +19,17 @@
 # prod's backups and key are mounted read-only; no network is shared between stacks.
 set -euo pipefail
 
-usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--yes]" >&2; exit 2; }
+usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--yes]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 stack="$1"; shift
-source_stack="$stack"; backup_id=""; assume_yes=""; force_logical=""
+source_stack="$stack"; backup_id=""; assume_yes=""; force_logical=""; key_volume=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) source_stack="${2:?}"; shift 2 ;;
     --id) backup_id="${2:?}"; shift 2 ;;
     --yes) assume_yes=1; shift ;;
     --logical) force_logical=1; shift ;;
+    --key-volume) key_volume="${2:?}"; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -63,7 +67,7 @@ run_job() {
     --user "$user" "${caps[@]}" --security-opt no-new-privileges:true --read-only \
     --tmpfs /tmp:rw,nosuid,size=64m --memory 2g \
     --mount "type=volume,source=$(n "$stack" backup-config),target=/etc/rag,readonly" \
-    --mount "type=volume,source=$(n "$source_stack" backup-config),target=/source-keys,readonly" \
+    --mount "type=volume,source=${key_volume:-$(n "$source_stack" backup-config)},target=/source-keys,readonly" \
     --mount "type=$( [[ "$backups_source" = /* ]] && echo bind || echo volume ),source=$backups_source,target=/backups,readonly" \
     --mount "type=volume,source=$(n "$stack" backup-scratch),target=/scratch" \
     --mount "type=volume,source=$chroma_volume,target=/workspace/data/chroma" \

@@ -146,3 +146,12 @@ def test_logical_flag_keeps_postgres_running(tmp_path: Path) -> None:
     code, calls, err = run_script(tmp_path, "staging", "--yes", "--logical")
     assert code == 0, err
     assert "--pg-mode logical" in calls[index(calls, "-m rag_backup restore")]
+
+
+def test_key_volume_replaces_the_stacks_key_for_old_backups(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "prod", "--key-volume", "rag-prod-old-keys", "--yes")
+    assert code == 0, err
+    for step in ("-m rag_backup verify", "-m rag_backup restore"):
+        call = calls[index(calls, step)]
+        assert "source=rag-prod-old-keys,target=/source-keys,readonly" in call
+        assert "source=rag-prod-backup-config,target=/source-keys" not in call
