@@ -2,7 +2,8 @@
 # Restore a deployed stack from its backups (or another stack's), then bring it back.
 #
 #   bash scripts/restore-stack.sh STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical]
-#                                       [--key-volume VOLUME] [--yes]
+#                                       [--key-volume VOLUME] [--components LIST] [--yes]
+# --components: e.g. postgres or redis,chroma (default: every store in the backup).
 # --key-volume: a volume holding secrets/backup_passphrase, for backups made under another
 # key (a host rebuilt from nothing, docs/disaster_recovery.md).
 #
@@ -19,10 +20,10 @@
 # prod's backups and key are mounted read-only; no network is shared between stacks.
 set -euo pipefail
 
-usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--yes]" >&2; exit 2; }
+usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--components LIST] [--yes]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 stack="$1"; shift
-source_stack="$stack"; backup_id=""; assume_yes=""; force_logical=""; key_volume=""
+source_stack="$stack"; backup_id=""; assume_yes=""; force_logical=""; key_volume=""; components=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) source_stack="${2:?}"; shift 2 ;;
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
     --yes) assume_yes=1; shift ;;
     --logical) force_logical=1; shift ;;
     --key-volume) key_volume="${2:?}"; shift 2 ;;
+    --components) components=(--components "${2:?}"); shift 2 ;;
     *) usage ;;
   esac
 done
@@ -101,7 +103,7 @@ echo "restore-stack: stopping ${stop[*]} (PostgreSQL restore: $pg_mode)"
 docker stop "${stop[@]}" >/dev/null
 
 echo "restore-stack: restoring"
-run_job 0:0 restore ${backup_id:+"$backup_id"} --yes --staging-dir /scratch "${pg_args[@]}" \
+run_job 0:0 restore ${backup_id:+"$backup_id"} "${components[@]}" --yes --staging-dir /scratch "${pg_args[@]}" \
   --redis-data-dir /redis-data --redis-server-cmd redis-server
 docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN \
   --mount "type=volume,source=$redis_volume,target=/redis-data" \

@@ -155,3 +155,9 @@ def test_key_volume_replaces_the_stacks_key_for_old_backups(tmp_path: Path) -> N
         call = calls[index(calls, step)]
         assert "source=rag-prod-old-keys,target=/source-keys,readonly" in call
         assert "source=rag-prod-backup-config,target=/source-keys" not in call
+
+
+def test_components_are_passed_to_the_restore(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--components", "redis,chroma", "--yes")
+    assert code == 0, err
+    assert "--components redis,chroma" in calls[index(calls, "-m rag_backup restore")]
