@@ -35,27 +35,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], log: Path, host: str = "127.0.0.1"
+) -> None:
+    """Return once ``host:port`` accepts connections; fail with the log if ``proc`` dies."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {_tail(log)}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_tail(log)}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"server not listening on {host}:{port} after {START_TIMEOUT_S}s")
+    raise RuntimeError(
+        f"server not listening on {host}:{port} after {START_TIMEOUT_S}s:\n{log_tail(log)}"
+    )
 
 
-def _tail(log: Path, lines: int = 15) -> str:
+def log_tail(log: Path, lines: int = 20) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
 
 
-def _stop_process(proc: subprocess.Popen[bytes], signal_number: int) -> None:
+def stop_process(proc: subprocess.Popen[bytes], signal_number: int) -> None:
     if proc.poll() is not None:
         return
     proc.send_signal(signal_number)
@@ -117,14 +122,14 @@ class PostgresServer:
         self._stopped = True
         try:
             # SIGINT is PostgreSQL's "fast" shutdown.
-            _stop_process(self.process, 2)
+            stop_process(self.process, 2)
         finally:
             shutil.rmtree(self.root_dir, ignore_errors=True)
 
     def shutdown(self) -> None:
         """Stop the server (fast shutdown) but keep its data directory, as an operator does
         before a physical restore."""
-        _stop_process(self.process, 2)
+        stop_process(self.process, 2)
 
     def start_again(self) -> None:
         """Start the server again on its data directory and port (after ``shutdown``)."""
@@ -138,7 +143,7 @@ class PostgresServer:
                 stderr=subprocess.STDOUT,
                 **_postgres_run_kwargs(),
             )
-        _wait_port("127.0.0.1", self.port, self.process, log)
+        wait_listening(self.port, self.process, log)
         _wait_ready(self)
 
 
@@ -234,7 +239,7 @@ def start_postgres(
                 **run_as,
             )
         try:
-            _wait_port("127.0.0.1", port, proc, log)
+            wait_listening(port, proc, log)
             server = PostgresServer(
                 host="127.0.0.1",
                 port=port,
@@ -251,7 +256,7 @@ def start_postgres(
             return server
         except Exception as error:  # port race or slow start: try another port
             last_error = error
-            _stop_process(proc, 2)
+            stop_process(proc, 2)
     shutil.rmtree(root_dir, ignore_errors=True)
     raise RuntimeError(f"PostgreSQL did not start: {last_error}")
 
@@ -427,7 +432,7 @@ class RedisServer:
         if self._stopped:
             return
         self._stopped = True
-        _stop_process(self.process, 15)
+        stop_process(self.process, 15)
 
 
 def start_redis(
@@ -481,7 +486,7 @@ def start_redis(
                 stderr=subprocess.STDOUT,
             )
         try:
-            _wait_port("127.0.0.1", port, proc, log)
+            wait_listening(port, proc, log)
             server = RedisServer(
                 host="127.0.0.1",
                 port=port,
@@ -496,7 +501,7 @@ def start_redis(
             return server
         except Exception as error:
             last_error = error
-            _stop_process(proc, 15)
+            stop_process(proc, 15)
     raise RuntimeError(f"redis-server did not start: {last_error}")
 
 

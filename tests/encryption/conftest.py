@@ -18,16 +18,13 @@ from tests.encryption.helpers import (
     PostgresUnderTest,
     RedisUnderTest,
     container_inputs,
-    free_port,
-    log_tail,
     run_as_postgres,
     start_redis_from_program,
-    stop_process,
     uploaded_files,
-    wait_listening,
     write_files,
 )
 from tests.pulumi_harness import ProgramRun, run_program
+from tests.servers import free_port, log_tail, stop_process, wait_listening
 from tests.tooling import require_tool
 
 STACKS = ("staging", "prod")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +18,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tests.pulumi_harness import ProgramRun
+from tests.servers import free_port, stop_process, wait_listening
 
 CONFIG_DIR = "/etc/rag"  # where the program's services find their files
 INCOMING_DIR = "/incoming/"  # where the config-init containers receive them
 START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 15.0
 TOOL_TIMEOUT_S = 30.0
 
 
@@ -121,43 +119,6 @@ def env_value(envs: Sequence[str], name: str) -> str:
         if key == name:
             return value
     raise KeyError(f"container env has no {name}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def log_tail(log: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"server not listening on 127.0.0.1:{port}:\n{log_tail(log)}")
-
-
-def stop_process(proc: subprocess.Popen[bytes], signal_number: int) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal_number)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- Redis

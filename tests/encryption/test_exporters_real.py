@@ -21,15 +21,14 @@ from tests.encryption.helpers import (
     PostgresUnderTest,
     RedisUnderTest,
     container_inputs,
-    free_port,
     map_argv,
     other_stack,
     run_as_postgres,
-    stop_process,
     uploaded_files,
     write_files,
 )
 from tests.pulumi_harness import ProgramRun
+from tests.servers import free_port, stop_process
 from tests.tooling import require_tool
 
 pytestmark = pytest.mark.integration

@@ -42,24 +42,12 @@ from components.monitoring_config import (
     MonitoringSettings,
     render_all,
 )
+from tests.servers import free_port, log_tail
 from tests.tooling import require_tool
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 SMTP_USERNAME = "alerts@example.com"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -263,7 +251,7 @@ class Process:
     def check_running(self) -> None:
         if self.popen is None or self.popen.poll() is not None:
             code = None if self.popen is None else self.popen.returncode
-            raise RuntimeError(f"{self.name} is not running (exit {code}):\n{_tail(self.log)}")
+            raise RuntimeError(f"{self.name} is not running (exit {code}):\n{log_tail(self.log)}")
 
 
 def wait_until(
@@ -340,7 +328,7 @@ class LiveMonitoring:
         raise TimeoutError(f"{alert} kept firing for {timeout:.0f}s on a healthy pipeline")
 
     def log(self, name: str) -> str:
-        return _tail(self.processes[name].log)
+        return log_tail(self.processes[name].log)
 
     def wait_for_mail(
         self, predicate: Callable[[ReceivedMail], bool], timeout: float, what: str
