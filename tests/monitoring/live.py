@@ -11,10 +11,8 @@ else in the rendered files changes. Every process is started here and stopped in
 
 from __future__ import annotations
 
-import datetime
 import email
 import email.policy
-import ipaddress
 import json
 import logging
 import os
@@ -42,7 +40,7 @@ from components.monitoring_config import (
     MonitoringSettings,
     render_all,
 )
-from tests.servers import free_port, log_tail
+from tests.servers import free_port, log_tail, make_tls_files
 from tests.tooling import require_tool
 
 START_TIMEOUT_S = 30.0
@@ -138,87 +136,6 @@ class _StandardLoginSMTP(SMTP):
 class SinkController(Controller):
     def factory(self) -> SMTP:
         return _StandardLoginSMTP(self.handler, **self.SMTP_kwargs)
-
-
-# --------------------------------------------------------------------------- TLS files
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def make_tls_files(directory: Path) -> TlsFiles:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "monitoring test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def issue(name: str, usage: x509.ObjectIdentifier, server: bool) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        cert = builder.sign(ca_key, hashes.SHA256())
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-    files = TlsFiles(
-        ca_cert=directory / "ca.crt",
-        server_cert=directory / "redis.crt",
-        server_key=directory / "redis.key",
-        client_cert=directory / "exporter.crt",
-        client_key=directory / "exporter.key",
-    )
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    for cert_path, key_path, name, usage, server in (
-        (files.server_cert, files.server_key, "127.0.0.1", ExtendedKeyUsageOID.SERVER_AUTH, True),
-        (files.client_cert, files.client_key, "exporter", ExtendedKeyUsageOID.CLIENT_AUTH, False),
-    ):
-        cert_pem, key_pem = issue(name, usage, server)
-        cert_path.write_bytes(cert_pem)
-        key_path.write_bytes(key_pem)
-        key_path.chmod(0o600)
-    return files
 
 
 # --------------------------------------------------------------------------- processes
