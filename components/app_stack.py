@@ -18,7 +18,8 @@ Image users (why each container runs as it does, with every capability dropped):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_docker as docker
@@ -32,6 +33,7 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    require_success,
     stack_volume,
     volume_mount,
 )
@@ -63,12 +65,18 @@ API_TLS_DIR = f"{CONFIG_DIR}/tls"
 API_SECRETS_DIR = f"{CONFIG_DIR}/secrets"
 
 
+def _now_utc() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
 @dataclass(frozen=True)
 class AppStackArgs:
     config: StackConfig
     image_ref: pulumi.Input[str]
     secrets: StackSecrets
     redis_tls: RedisTls
+    # Changes on every `pulumi up`, so the migration job runs on every deploy.
+    deploy_id: str = field(default_factory=_now_utc)
 
 
 def postgres_pgdata(cfg: StackConfig) -> str:
@@ -203,7 +211,18 @@ class AppStack(pulumi.ComponentResource):
                 ],
                 tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
                 memory_mb=1024,
-                healthcheck=["CMD", "pg_isready", "-U", POSTGRES_USER, "-d", POSTGRES_DB],
+                # Over TCP: the entrypoint's first-init server listens on the socket only,
+                # so this turns healthy once the real server runs (not during initdb).
+                healthcheck=[
+                    "CMD",
+                    "pg_isready",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    POSTGRES_USER,
+                    "-d",
+                    POSTGRES_DB,
+                ],
                 files=[
                     ConfigFile("pg_hba.conf", render_pg_hba()),
                     ConfigFile("secrets/postgres_password", secrets.postgres_password, secret=True),
@@ -216,7 +235,7 @@ class AppStack(pulumi.ComponentResource):
         migration = pulumi.Output.all(
             secrets.postgres_password, secrets.postgres_monitor_password
         ).apply(lambda pws: render_postgres_migration(pws[0], pws[1]))
-        hardened_container(
+        migrate = hardened_container(
             n("postgres-migrate"),
             ServiceSpec(
                 service="postgres-migrate",
@@ -244,7 +263,11 @@ class AppStack(pulumi.ComponentResource):
             ),
             parent=self,
             depends_on=[postgres],
+            # Every deploy: also after a restore or over adopted data, not only on a new
+            # volume. The SQL is idempotent. (`pulumi preview` shows this as a replace.)
+            replacement_trigger=args.deploy_id,
         )
+        migration_ok = require_success(migrate, n("postgres-migrate"))
 
         # --- The api: Chroma embedded (data volume), docs read-only, Redis over mTLS.
         redis_url = redis_client_url(cfg, "app", API_TLS_DIR)
@@ -314,7 +337,9 @@ class AppStack(pulumi.ComponentResource):
                 ],
             ),
             parent=self,
-            depends_on=[redis, postgres],
+            depends_on=[redis, postgres, migrate],
+            # Not created unless the migration (role password, pgcrypto) succeeded.
+            labels={"personal-rag.postgres-migration": migration_ok},
         )
 
         # --- Caddy: the only public entry point (prod); 127.0.0.1 elsewhere.
@@ -365,6 +390,7 @@ class AppStack(pulumi.ComponentResource):
                 "frontendNetwork": self.frontend_network.name,
                 "backendNetwork": self.backend_network.name,
                 "volumes": self.volume_names,
+                "postgresMigration": migration_ok,
             }
         )
 

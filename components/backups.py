@@ -27,6 +27,7 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    require_success,
     stack_volume,
     volume_mount,
 )
@@ -191,5 +192,9 @@ class Backups(pulumi.ComponentResource):
         )
         self.image_name = image.image_name
         self.register_outputs(
-            {"backupsLocation": self.backups_location, "backupImage": image.image_name}
+            {
+                "backupsLocation": self.backups_location,
+                "backupImage": image.image_name,
+                "volumeInit": require_success(volume_init, n("backup-volume-init")),
+            }
         )

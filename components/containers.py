@@ -132,7 +132,11 @@ def _init_script(files: Sequence[ConfigFile], owner: str | None) -> str:
 
     The volume holds only generated copies (never data), so replacing them is safe.
     """
-    steps = [f"find {CONFIG_DIR} -mindepth 1 -delete", f"cp -R {_INCOMING_DIR}/. {CONFIG_DIR}/"]
+    # Only commands busybox has too: the init runs in each service's own image.
+    steps = [
+        f"find {CONFIG_DIR} -mindepth 1 -maxdepth 1 -exec rm -rf {{}} +",
+        f"cp -R {_INCOMING_DIR}/. {CONFIG_DIR}/",
+    ]
     for f in files:
         target = shlex.quote(f"{CONFIG_DIR}/{f.path}")
         steps.append(f"chmod {f.mode} {target}")
@@ -142,12 +146,26 @@ def _init_script(files: Sequence[ConfigFile], owner: str | None) -> str:
     return " && ".join(["set -e", *steps])
 
 
+def require_success(container: docker.Container, name: str) -> pulumi.Output[str]:
+    """A one-shot container's exit code, as a value that fails ``pulumi up`` when it is
+    not 0 (the provider itself only waits for the exit). Use it where it is awaited: a
+    label of the service that needs the job, or the component's registered outputs."""
+
+    def check(code: int | None) -> str:
+        if code not in (None, 0):
+            raise RuntimeError(f"{name} exited with code {code}; see `docker logs {name}`")
+        return "ok"
+
+    return container.exit_code.apply(check)
+
+
 def hardened_container(
     name: str,
     spec: ServiceSpec,
     parent: pulumi.Resource,
     depends_on: Sequence[pulumi.Resource] = (),
-    labels: Mapping[str, str] | None = None,
+    labels: Mapping[str, pulumi.Input[str]] | None = None,
+    replacement_trigger: pulumi.Input[str] | None = None,
 ) -> docker.Container:
     """Declare ``spec`` as container ``name`` (e.g. rag-staging-redis), hardened."""
     if spec.read_only is False and spec.files and not spec.one_shot:
@@ -187,6 +205,8 @@ def hardened_container(
         )
         mounts.append(volume_mount(config_volume.name, CONFIG_DIR, read_only=True))
         all_labels["personal-rag.config-sha256"] = _files_hash(spec.files)
+        # The service waits for the copy and is not created if it failed.
+        all_labels["personal-rag.config-init"] = require_success(init, f"{name}-config-init")
         deps.append(init)
 
     return docker.Container(
@@ -234,5 +254,10 @@ def hardened_container(
         mounts=mounts or None,
         labels=[docker.ContainerLabelArgs(label=k, value=v) for k, v in all_labels.items()],
         # Names are fixed (they carry the stack), so the old container must go first.
-        opts=pulumi.ResourceOptions(parent=parent, depends_on=deps, delete_before_replace=True),
+        opts=pulumi.ResourceOptions(
+            parent=parent,
+            depends_on=deps,
+            delete_before_replace=True,
+            replacement_trigger=replacement_trigger,
+        ),
     )

@@ -209,8 +209,10 @@ class TlsMaterial:
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, stack: str) -> None:
+    def __init__(self, stack: str, exit_codes: Mapping[str, int] | None = None) -> None:
         self.stack = stack
+        # container name -> exit code the "engine" reports for that one-shot container
+        self.exit_codes = dict(exit_codes or {})
         self.resources: list[Recorded] = []
         self.generated_secrets: list[str] = []
 
@@ -234,6 +236,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
             value = "".join(secrets.choice(alphabet) for _ in range(int(inputs["length"])))
             state["result"] = value
             self.generated_secrets.append(value)
+        elif typ == "docker:index/container:Container" and inputs["name"] in self.exit_codes:
+            state["exitCode"] = self.exit_codes[inputs["name"]]
         elif typ == "docker:index/image:Image":
             digest = "sha256:" + hashlib.sha256(inputs["imageName"].encode()).hexdigest()
             state["repoDigest"] = inputs["imageName"].split(":")[0] + "@" + digest
@@ -318,11 +322,12 @@ def run_program(
     stack: str,
     config: Mapping[str, str] | None = None,
     secret_keys: set[str] | None = None,
+    exit_codes: Mapping[str, int] | None = None,
 ) -> ProgramRun:
     """Run __main__.py for ``stack`` under mocks; return what it declared and exported."""
     config = dict(stack_config(stack) if config is None else config)
     secret_keys = SECRET_KEYS if secret_keys is None else secret_keys
-    mocks = RecordingMocks(stack)
+    mocks = RecordingMocks(stack, exit_codes)
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
     pulumi.runtime.set_all_config(
         {f"{PROJECT}:{k}": v for k, v in config.items()},

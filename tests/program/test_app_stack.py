@@ -308,3 +308,29 @@ def test_cluster_lives_in_a_subdirectory_unless_adopted(runs: dict[str, ProgramR
     adopted = run_program("prod", make_config("prod", adoptVolumes='{"postgres": "old_pg"}'))
     # compose kept the cluster at the volume root: starting elsewhere would hide the data.
     assert pgdata(adopted, "prod") == mount
+
+
+def test_migration_runs_on_every_deploy_before_the_api() -> None:
+    first, second = run_program("prod"), run_program("prod")
+    key = ("docker:index/container:Container", "rag-prod-postgres-migrate")
+    trigger = first.options[key].replacement_trigger
+    assert trigger and trigger != second.options[key].replacement_trigger
+    api_deps = first.options[("docker:index/container:Container", "rag-prod-api")].depends_on
+    assert "rag-prod-postgres-migrate" in {d._name for d in api_deps}  # type: ignore[union-attr]
+    api = first.containers["rag-prod-api"]
+    assert label(api, "personal-rag.postgres-migration") == "ok"
+
+
+@pytest.mark.parametrize(
+    "job",
+    ["rag-prod-postgres-migrate", "rag-prod-redis-config-init", "rag-prod-backup-volume-init"],
+)
+def test_a_failed_one_shot_job_fails_the_deploy(job: str) -> None:
+    with pytest.raises(Exception, match=f"{job} exited with code 3"):
+        run_program("prod", exit_codes={job: 3})
+
+
+def test_successful_one_shot_jobs_pass() -> None:
+    jobs = ["rag-prod-postgres-migrate", "rag-prod-redis-config-init"]
+    run = run_program("prod", exit_codes=dict.fromkeys(jobs, 0))
+    assert "rag-prod-api" in run.containers
