@@ -168,3 +168,32 @@ def test_bad_config_fails_before_any_resource_is_registered() -> None:
     finally:
         pulumi_harness.RecordingMocks.new_resource = original  # type: ignore[method-assign]
     assert seen == []
+
+
+def test_load_reads_config_the_way_the_engine_passes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Python language host hands config over in PULUMI_CONFIG (JSON) and the secret
+    keys in PULUMI_CONFIG_SECRET_KEYS; nothing is set in-process."""
+    import json
+
+    import pulumi
+
+    from components.config import load_stack_config
+    from tests.pulumi_harness import RecordingMocks
+
+    pulumi.runtime.set_mocks(RecordingMocks("staging"), project="personal-rag", stack="staging")
+    pulumi.runtime.set_all_config({}, [])
+    raw = stack_config("staging")
+    monkeypatch.setenv(
+        "PULUMI_CONFIG",
+        json.dumps({**{f"personal-rag:{k}": v for k, v in raw.items()}, "docker:host": "ssh://x"}),
+    )
+    monkeypatch.setenv("PULUMI_CONFIG_SECRET_KEYS", json.dumps(["personal-rag:smtpPassword"]))
+    cfg = load_stack_config()
+    assert cfg.stack == "staging" and cfg.app.log_level == "DEBUG"
+    assert cfg.smtp.password.reveal() == SECRET_VALUE
+
+    monkeypatch.setenv("PULUMI_CONFIG_SECRET_KEYS", "[]")
+    with pytest.raises(ConfigError, match="smtpPassword is stored in plaintext"):
+        load_stack_config()
