@@ -18,6 +18,7 @@ from tests.encryption.helpers import (
     PostgresUnderTest,
     RedisUnderTest,
     container_inputs,
+    map_argv,
     run_as_postgres,
     start_redis_from_program,
     uploaded_files,
@@ -153,3 +154,25 @@ def start_postgres_from_program(run: ProgramRun) -> PostgresUnderTest:
             stop_process(proc, 2)
         shutil.rmtree(root, ignore_errors=True)
         raise
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def migrated_postgres(
+    request: pytest.FixtureRequest, runs: dict[str, ProgramRun]
+) -> Iterator[PostgresUnderTest]:
+    run = runs[request.param]
+    server = start_postgres_from_program(run)
+    try:
+        config_dir = write_files(uploaded_files(run, "postgres-migrate"), server.root / "migrate")
+        if run_as_postgres():
+            for path in [config_dir, *config_dir.rglob("*")]:
+                shutil.chown(path, "postgres", "postgres")
+        command = container_inputs(run, "postgres-migrate")["command"]
+        socket_dir = command[command.index("-h") + 1]
+        argv = map_argv(command, {CONFIG_DIR: config_dir, socket_dir: server.socket_dir})
+        argv[0] = require_tool("psql")
+        result = server.run_as_postgres(argv)
+        assert result.returncode == 0, result.stderr
+        yield server
+    finally:
+        server.stop()

@@ -6,24 +6,20 @@ environment and files (paths and addresses mapped to loopback) must report the s
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from components.containers import CONFIG_DIR
-from tests.encryption.conftest import start_postgres_from_program
 from tests.encryption.helpers import (
     PostgresUnderTest,
     RedisUnderTest,
     container_inputs,
     map_argv,
     other_stack,
-    run_as_postgres,
     uploaded_files,
     write_files,
 )
@@ -113,28 +109,6 @@ def test_redis_exporter_cannot_scrape_the_other_stack(
         assert scrape_until(f"http://{listen}/metrics", "redis_up", proc, log) == 0
     finally:
         stop_process(proc, 15)
-
-
-@pytest.fixture(scope="module", params=STACKS)
-def migrated_postgres(
-    request: pytest.FixtureRequest, runs: dict[str, ProgramRun]
-) -> Iterator[PostgresUnderTest]:
-    run = runs[request.param]
-    server = start_postgres_from_program(run)
-    try:
-        config_dir = write_files(uploaded_files(run, "postgres-migrate"), server.root / "migrate")
-        if run_as_postgres():
-            for path in [config_dir, *config_dir.rglob("*")]:
-                shutil.chown(path, "postgres", "postgres")
-        command = container_inputs(run, "postgres-migrate")["command"]
-        socket_dir = command[command.index("-h") + 1]
-        argv = map_argv(command, {CONFIG_DIR: config_dir, socket_dir: server.socket_dir})
-        argv[0] = require_tool("psql")
-        result = server.run_as_postgres(argv)
-        assert result.returncode == 0, result.stderr
-        yield server
-    finally:
-        server.stop()
 
 
 def test_postgres_exporter_logs_in_as_the_monitor_role(
