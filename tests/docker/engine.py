@@ -1,0 +1,118 @@
+"""The Docker CLI, bounded in time, and the objects a test session made on the engine.
+
+Every call has a timeout. Objects are created through ``DockerObjects`` only, which
+remembers each one (and labels it with the session's id) and removes exactly those at
+the end -- never anything else on the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+DEFAULT_TIMEOUT_S = 60.0
+SESSION_LABEL = "rag-test.session"
+
+
+class DockerError(RuntimeError):
+    def __init__(self, args: Sequence[str], returncode: int, stderr: str) -> None:
+        super().__init__(f"docker {' '.join(args[:3])} ... exited {returncode}: {stderr.strip()}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class DockerCli:
+    binary: str
+
+    def call(
+        self,
+        *args: str,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        stdin: IO[bytes] | None = None,
+        input_bytes: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``docker ARGS``; the result whatever the exit code (bounded by timeout)."""
+        return subprocess.run(
+            [self.binary, *args],
+            stdin=stdin,
+            input=input_bytes,
+            capture_output=True,
+            timeout=max(timeout, 1.0),
+            check=False,
+        )
+
+    def run(
+        self,
+        *args: str,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        stdin: IO[bytes] | None = None,
+        input_bytes: bytes | None = None,
+    ) -> str:
+        """Run ``docker ARGS``; its stdout, or DockerError with stderr."""
+        done = self.call(*args, timeout=timeout, stdin=stdin, input_bytes=input_bytes)
+        if done.returncode != 0:
+            raise DockerError(args, done.returncode, done.stderr.decode(errors="replace"))
+        return done.stdout.decode(errors="replace").strip()
+
+    def exists(self, kind: str, name: str) -> bool:
+        return self.call(kind, "inspect", name, timeout=30).returncode == 0
+
+    def inspect(self, kind: str, name: str) -> dict[str, Any]:
+        found = json.loads(self.run(kind, "inspect", name))
+        assert isinstance(found, list) and len(found) == 1, found
+        result: dict[str, Any] = found[0]
+        return result
+
+
+@dataclass
+class DockerObjects:
+    """What this session created, removed in reverse kind order by ``remove_all``."""
+
+    docker: DockerCli
+    session: str
+    containers: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{SESSION_LABEL}={self.session}"
+
+    def create_network(self, name: str, internal: bool, driver: str = "bridge") -> str:
+        args = ["network", "create", "--driver", driver, "--label", self.label]
+        if internal:
+            args.append("--internal")
+        self.networks.append(name)
+        self.docker.run(*args, name)
+        return name
+
+    def create_volume(self, name: str) -> str:
+        self.volumes.append(name)
+        self.docker.run("volume", "create", "--label", self.label, name)
+        return name
+
+    def create_container(self, name: str, create_args: Sequence[str]) -> str:
+        """``docker create --name NAME ARGS`` (ARGS end with the image and command)."""
+        self.containers.append(name)
+        self.docker.run("create", "--name", name, "--label", self.label, *create_args)
+        return name
+
+    def remove_all(self) -> list[str]:
+        """Remove every object made here; the errors (other than 'already gone')."""
+        errors: list[str] = []
+        for kind, names, force in (
+            ("container", self.containers, ["-f", "-v"]),
+            ("network", self.networks, []),
+            ("volume", self.volumes, ["-f"]),
+        ):
+            for name in reversed(names):
+                done = self.docker.call(kind, "rm", *force, name, timeout=60)
+                stderr = done.stderr.decode(errors="replace")
+                if done.returncode != 0 and "No such" not in stderr and "not found" not in stderr:
+                    errors.append(f"{kind} {name}: {stderr.strip()}")
+            names.clear()
+        return errors
