@@ -2,7 +2,7 @@
 
 import pulumi
 
-from components.app_stack import AppStack, AppStackArgs
+from components.app_stack import AppStack, AppStackArgs, backend_bridge_name
 from components.backups import Backups, BackupsArgs
 from components.config import load_stack_config
 from components.gitinfo import read_git_state
@@ -26,6 +26,7 @@ pulumi.export("stack", config.stack)
 pulumi.export("imageRef", registry.image_ref)
 pulumi.export("frontendNetwork", app.frontend_network.name)
 pulumi.export("backendNetwork", app.backend_network.name)
+pulumi.export("backendBridge", backend_bridge_name(config.stack))
 pulumi.export("caddyHttpUrl", f"http://127.0.0.1:{config.ports.http}")
 pulumi.export("caddyHttpsUrl", f"https://{config.domain}:{config.ports.https}")
 pulumi.export("prometheusUrl", f"http://127.0.0.1:{config.ports.prometheus}")

@@ -19,6 +19,7 @@ Image users (why each container runs as it does, with every capability dropped):
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
 
 import pulumi
@@ -79,6 +80,18 @@ class AppStackArgs:
     deploy_id: str = field(default_factory=_now_utc)
 
 
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+
+
+def backend_bridge_name(stack: str) -> str:
+    """Host interface of the stack's backend bridge: rag-prod-be, rag-staging-be; long
+    (ephemeral) names are hashed to fit Linux's 15 characters."""
+    name = f"rag-{stack}-be"
+    if len(name) <= 15:
+        return name
+    return f"rag-{hashlib.sha256(stack.encode()).hexdigest()[:8]}-be"
+
+
 def postgres_pgdata(cfg: StackConfig) -> str:
     """The cluster lives in a subdirectory of its volume, so a physical restore can swap
     directories by rename (a mount point cannot be renamed). An adopted compose volume
@@ -118,7 +131,14 @@ class AppStack(pulumi.ComponentResource):
             n("frontend"), name=n("frontend"), driver="bridge", internal=False, opts=child
         )
         self.backend_network = docker.Network(
-            n("backend"), name=n("backend"), driver="bridge", internal=True, opts=child
+            n("backend"),
+            name=n("backend"),
+            driver="bridge",
+            internal=True,
+            # A fixed interface name, so the host firewall can close the host itself to
+            # the backend (Docker's internal networks block forwarding, not the host).
+            options={BRIDGE_NAME_OPTION: backend_bridge_name(cfg.stack)},
+            opts=child,
         )
 
         self.volume_names = {}

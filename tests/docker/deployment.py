@@ -79,7 +79,7 @@ class Deployment:
     def ensure_network(self, stack: str, declared_name: str) -> str:
         plan = plan_network(self.programs[stack].networks[declared_name].inputs, self.rename)
         if plan.name not in self.objects.networks:
-            self.objects.create_network(plan.name, plan.internal, plan.driver)
+            self.objects.create_network(plan.name, plan.internal, plan.driver, plan.options)
         return plan.name
 
     def plan(
@@ -170,6 +170,12 @@ class Deployment:
         """network -> the container's IPv4 address there, for every network it is on."""
         networks = self.docker.inspect("container", container)["NetworkSettings"]["Networks"]
         return {name: settings["IPAddress"] for name, settings in networks.items()}
+
+    def bridge_interface(self, network: str) -> str:
+        """The host interface of a bridge network (the program names the backend's)."""
+        options = self.docker.inspect("network", network)["Options"]
+        name: str = options["com.docker.network.bridge.name"]
+        return name
 
     def gateway_of(self, network: str) -> str:
         config = self.docker.inspect("network", network)["IPAM"]["Config"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -82,10 +82,18 @@ class DockerObjects:
     def label(self) -> str:
         return f"{SESSION_LABEL}={self.session}"
 
-    def create_network(self, name: str, internal: bool, driver: str = "bridge") -> str:
+    def create_network(
+        self,
+        name: str,
+        internal: bool,
+        driver: str = "bridge",
+        options: Mapping[str, str] | None = None,
+    ) -> str:
         args = ["network", "create", "--driver", driver, "--label", self.label]
         if internal:
             args.append("--internal")
+        for key, value in (options or {}).items():
+            args += ["--opt", f"{key}={value}"]
         self.networks.append(name)
         self.docker.run(*args, name)
         return name

@@ -22,6 +22,7 @@ Names are renamed with a session prefix so nothing collides with a real deployme
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,8 @@ CONTAINER_INPUTS = {
     "uploads",
 }  # fmt: skip
 NOT_TRANSLATED = {"labels", "healthcheck", "mustRun", "attach", "wait", "waitTimeout"}
-NETWORK_INPUTS = {"name", "driver", "internal"}
+NETWORK_INPUTS = {"name", "driver", "internal", "options"}
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Renamer:
 
     def __call__(self, name: str) -> str:
         return self.prefix + name.removeprefix("rag-") if name.startswith("rag-") else name
+
+    def bridge(self, name: str) -> str:
+        """A host interface name (at most 15 characters) unique to this session."""
+        digest = hashlib.sha256((self.prefix + name).encode()).hexdigest()
+        return f"rt{digest[:10]}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class NetworkPlan:
     name: str
     internal: bool
     driver: str
+    options: Mapping[str, str] = field(default_factory=dict)
 
 
 def _reject_unknown(kind: str, inputs: Mapping[str, Any], known: set[str]) -> None:
@@ -87,10 +95,15 @@ def _reject_unknown(kind: str, inputs: Mapping[str, Any], known: set[str]) -> No
 
 def plan_network(inputs: Mapping[str, Any], rename: Renamer) -> NetworkPlan:
     _reject_unknown("network", inputs, NETWORK_INPUTS)
+    options = dict(inputs.get("options") or {})
+    if BRIDGE_NAME_OPTION in options:
+        # Host interface names are global: the test's own, short and unique.
+        options[BRIDGE_NAME_OPTION] = rename.bridge(options[BRIDGE_NAME_OPTION])
     return NetworkPlan(
         name=rename(inputs["name"]),
         internal=bool(inputs.get("internal", False)),
         driver=inputs.get("driver") or "bridge",
+        options=options,
     )
 
 

@@ -334,3 +334,19 @@ def test_successful_one_shot_jobs_pass() -> None:
     jobs = ["rag-prod-postgres-migrate", "rag-prod-redis-config-init"]
     run = run_program("prod", exit_codes=dict.fromkeys(jobs, 0))
     assert "rag-prod-api" in run.containers
+
+
+def test_backend_bridges_have_fixed_distinct_interface_names(runs: dict[str, ProgramRun]) -> None:
+    names = {}
+    for stack, run in runs.items():
+        options = run.networks[f"rag-{stack}-backend"].inputs["options"]
+        names[stack] = options["com.docker.network.bridge.name"]
+        assert len(names[stack]) <= 15  # Linux interface names
+        assert run.exports["backendBridge"][0] == names[stack]
+    assert names["staging"] != names["prod"]
+    long_stack = run_program(
+        "ephemeral-a-very-long-name-1",
+        make_config("ephemeral-a-very-long-name-1", portOffset="20000"),
+    )
+    bridge = long_stack.networks["rag-ephemeral-a-very-long-name-1-backend"].inputs["options"]
+    assert len(bridge["com.docker.network.bridge.name"]) <= 15
