@@ -1,10 +1,12 @@
 """Redis: RDB over the replication protocol with redis-cli (TLS capable, password in
-REDISCLI_AUTH), and a private redis-server on a unix socket to load an RDB with AOF off, then
-turn AOF on and wait for the rewrite, so a server with ``appendonly yes`` starts with it."""
+REDISCLI_AUTH); for a restore, a Redis 7 multi-part AOF directory built on the RDB (so a
+server with ``appendonly yes`` starts with it), proven by a private redis-server on a unix
+socket loading it with AOF on."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +22,9 @@ from rag_backup.procs import Proc, base_env, last_lines, run
 from rag_backup.streams import CHUNK
 
 RDB_EOF_MARK_SIZE = 40
+# Redis 7's default AOF file name; the multi-part AOF files in ``appenddirname`` are named
+# after it: <name>.<seq>.base.rdb, <name>.<seq>.incr.aof and <name>.manifest.
+AOF_FILENAME = "appendonly.aof"
 _KEYSPACE_LINE = re.compile(r"^db(\d+):keys=(\d+),expires=(\d+)")
 
 
@@ -211,6 +216,8 @@ class LocalRedis:
             dbfilename,
             "--appenddirname",
             appenddirname,
+            "--appendfilename",
+            AOF_FILENAME,
             "--appendonly",
             "yes" if appendonly else "no",
             "--save",
@@ -261,26 +268,6 @@ class LocalRedis:
     def keyspace(self) -> dict[str, dict[str, int]]:
         return parse_keyspace(self.cli("INFO", "keyspace"))
 
-    def enable_aof_and_wait(self, timeout_s: float = 3600) -> None:
-        """CONFIG SET appendonly yes starts an AOF rewrite from memory; wait until it is on
-        disk and the server reports AOF as on and healthy."""
-        reply = self.cli("CONFIG", "SET", "appendonly", "yes").strip()
-        if reply != "OK":
-            raise BackupError(f"redis CONFIG SET appendonly yes failed: {reply}")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = self.info("persistence")
-            if (
-                info.get("aof_enabled") == "1"
-                and info.get("aof_rewrite_in_progress") == "0"
-                and info.get("aof_rewrite_scheduled") == "0"
-            ):
-                if info.get("aof_last_bgrewrite_status") != "ok":
-                    raise BackupError("redis AOF rewrite failed; see the redis-server log")
-                return
-            time.sleep(0.05)
-        raise BackupError(f"redis AOF rewrite did not finish within {timeout_s:.0f}s")
-
     def stop(self) -> None:
         if self.proc.popen.poll() is None:
             # SHUTDOWN closes the connection (an error for redis-cli); the wait is what counts.
@@ -292,6 +279,35 @@ class LocalRedis:
                 self.proc.kill()
         self.proc.close()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_aof_dir(rdb: Path, aof_dir: Path, appendfilename: str = AOF_FILENAME) -> None:
+    """Make ``aof_dir`` a Redis 7 multi-part AOF whose base is the RDB itself (hard-linked,
+    no copy): the base file, an empty incr file and the manifest, as Redis writes them after
+    an AOF rewrite with ``aof-use-rdb-preamble yes``. A server with ``appendonly yes`` loads
+    the RDB from there; without it, it would ignore a restored ``dump.rdb`` and start empty.
+    Everything is fsynced. The caller proves the result by loading it with AOF on."""
+    base = f"{appendfilename}.1.base.rdb"
+    incr = f"{appendfilename}.1.incr.aof"
+    aof_dir.mkdir(mode=0o755)
+    os.link(rdb, aof_dir / base)
+    with open(aof_dir / incr, "xb") as handle:
+        os.fsync(handle.fileno())
+    manifest = f"file {base} seq 1 type b\nfile {incr} seq 1 type i\n"
+    with open(aof_dir / f"{appendfilename}.manifest", "x", encoding="ascii") as handle:
+        handle.write(manifest)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_path(aof_dir)
+    _fsync_path(aof_dir.parent)
 
 
 def check_rdb_file(path: Path, checker: str = "redis-check-rdb") -> None:
