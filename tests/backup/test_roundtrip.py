@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -54,6 +55,26 @@ def test_backup_verify_wipe_restore_gives_identical_data(stack: Stack) -> None:
     stack.start_redis()
     assert redis_snapshot(stack.redis) == redis_before
     assert (stack.redis_data / "appendonlydir").is_dir()
+
+    # The restored AOF's base file is the restored RDB itself: the live server must keep
+    # working on it (new writes, an AOF rewrite that replaces the base, a restart) with
+    # nothing lost.
+    live = stack.redis.client()
+    live.set("written-after-restore", b"1")  # type: ignore[attr-defined]
+    live.bgrewriteaof()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while True:
+        persistence = live.info("persistence")  # type: ignore[attr-defined]
+        if not (persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"]):
+            break
+        assert time.monotonic() < deadline, "AOF rewrite did not finish within 30 s"
+        time.sleep(0.05)
+    assert persistence["aof_last_bgrewrite_status"] == "ok"
+    stack.redis.stop()
+    stack.start_redis()
+    after_rewrite = redis_snapshot(stack.redis)
+    assert after_rewrite.pop("0/written-after-restore") == ("string", b"1", False)
+    assert after_rewrite == redis_before
 
 
 def test_restore_over_live_data_keeps_previous_data_for_rollback(stack: Stack) -> None:
