@@ -5,7 +5,7 @@ plus a Redis dataset of about 5% of that), then times:
 
   plan backup   pg_dump | gzip > f; gpg f   tar czf; gpg   redis-cli --rdb; gpg  (one by one)
   plan restore  gpg -d | gunzip | psql (fresh db)   gpg -d | tar xzf   gpg -d > dump.rdb
-  rag-backup    backup; restore --yes (verify, stage, check, swap, AOF rewrite included)
+  rag-backup    backup; restore --yes (verify, stage, check, swap, Redis AOF check included)
 
 and prints times, sizes and ratios. Usage:
   ./venv/bin/python benchmarks/backup_bench.py [--size-mb 1024] [--work-dir DIR]

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--redis-server-cmd",
         default="redis-server",
-        help="redis-server binary used to load the RDB and rewrite the AOF",
+        help="redis-server binary that loads the restored AOF to check it",
     )
     restore.add_argument(
         "--staging-dir",
