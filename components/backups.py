@@ -19,7 +19,7 @@ import pulumi
 import pulumi_docker as docker
 
 from components.app_stack import CHROMA_DIR, AppStack
-from components.config import StackConfig
+from components.config import BackupSettings, StackConfig
 from components.containers import (
     CONFIG_DIR,
     ConfigFile,
@@ -41,6 +41,14 @@ DOCKERFILE = "docker/backup/Dockerfile"
 BACKUP_DIR = "/backups"
 SCRATCH_DIR = "/scratch"
 BACKUP_IMAGE_REPOSITORY = "personal-rag/backup"
+
+
+def logical_weekday_env(schedule: BackupSettings) -> dict[str, str]:
+    """Physical base backups daily; the portable logical dump only on one weekday
+    (faster, smaller daily backups), unless configured for every backup."""
+    if schedule.pg_physical and schedule.pg_logical_weekday:
+        return {"RAG_BACKUP_PG_LOGICAL_WEEKDAY": schedule.pg_logical_weekday}
+    return {}
 
 
 def backup_image_tag() -> str:
@@ -159,6 +167,7 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_KEEP_MONTHLY": str(schedule.keep_monthly),
                     "RAG_BACKUP_PG_PHYSICAL": "1" if schedule.pg_physical else "0",
                     "RAG_BACKUP_PG_BIN_DIR": "/usr/lib/postgresql/15/bin",
+                    **logical_weekday_env(schedule),
                     "TMPDIR": SCRATCH_DIR,
                     "PGHOST": n("postgres"),
                     "PGPORT": "5432",

@@ -136,8 +136,11 @@ class BackupSettings:
     keep_weekly: int
     keep_monthly: int
     host_path: str | None
-    # Also take a pg_basebackup: restores at copy speed; the logical dump is always kept.
+    # Also take a pg_basebackup: restores at copy speed.
     pg_physical: bool = True
+    # With physical backups, the portable logical dump is taken on this weekday only
+    # (None: in every backup).
+    pg_logical_weekday: str | None = "sun"
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "backupKeepMonthly": ("6", False),
     "backupHostPath": (None, False),
     "backupPgPhysical": ("true", False),
+    "backupPgLogicalWeekday": ("sun", False),
     "cacheHitsMetric": ("rag_cache_hits_total", False),
     "cacheMissesMetric": ("rag_cache_misses_total", False),
     "llmErrorsMetric": ("rag_llm_errors_total", False),
@@ -401,7 +405,22 @@ def _parse_backup(c: _Collector) -> BackupSettings:
         keep_monthly=c.integer("backupKeepMonthly", 0, 240) or 0,
         host_path=host_path,
         pg_physical=c.boolean("backupPgPhysical"),
+        pg_logical_weekday=_logical_weekday(c),
     )
+
+
+def _logical_weekday(c: _Collector) -> str | None:
+    value = (c.get("backupPgLogicalWeekday") or "").lower()
+    if value == "daily":
+        return None
+    if value not in _WEEKDAYS:
+        c.fail(
+            "backupPgLogicalWeekday",
+            c.get("backupPgLogicalWeekday"),
+            f"one of {', '.join(_WEEKDAYS)}, or daily",
+        )
+        return None
+    return value
 
 
 def _host_path(c: _Collector, key: str, must_exist: bool) -> str | None:

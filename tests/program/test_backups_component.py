@@ -114,3 +114,12 @@ def test_physical_base_backups_are_on_by_default_and_configurable(
     assert env(runs["prod"], "rag-prod-backup")["RAG_BACKUP_PG_PHYSICAL"] == "1"
     off = run_program("prod", stack_config("prod", backupPgPhysical="false"))
     assert env(off, "rag-prod-backup")["RAG_BACKUP_PG_PHYSICAL"] == "0"
+
+
+def test_portable_dump_weekday_follows_config(runs: dict[str, ProgramRun]) -> None:
+    assert env(runs["prod"], "rag-prod-backup")["RAG_BACKUP_PG_LOGICAL_WEEKDAY"] == "sun"
+    daily = run_program("prod", stack_config("prod", backupPgLogicalWeekday="daily"))
+    assert "RAG_BACKUP_PG_LOGICAL_WEEKDAY" not in env(daily, "rag-prod-backup")
+    logical_only = run_program("prod", stack_config("prod", backupPgPhysical="false"))
+    # Without base backups every backup must carry the logical dump.
+    assert "RAG_BACKUP_PG_LOGICAL_WEEKDAY" not in env(logical_only, "rag-prod-backup")

@@ -72,6 +72,7 @@ BAD_INPUTS = [
     ("prod", {"buildContext": "/does/not/exist"}, "buildContext", "/does/not/exist"),
     ("prod", {"backupTime": "25:00"}, "backupTime", "25:00"),
     ("prod", {"drillWeekday": "someday"}, "drillWeekday", "someday"),
+    ("prod", {"backupPgLogicalWeekday": "weekly"}, "backupPgLogicalWeekday", "weekly"),
     ("prod", {"adoptVolumes": '{"mongo": "x"}'}, "adoptVolumes", '{"mongo": "x"}'),
     ("prod", {"adoptVolumes": "not json"}, "adoptVolumes", "not json"),
     ("prod", {"cacheHitsMetric": "cache-hits"}, "cacheHitsMetric", "cache-hits"),
