@@ -49,9 +49,11 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _env_flag(name: str) -> bool:
+def _env_flag(name: str, default: bool = False) -> bool:
     value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
+    if value == "":
+        return default
+    if value in ("0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
         return True
@@ -233,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(env RAG_BACKUP_PG_PHYSICAL=1)",
     )
     backup.add_argument(
+        "--pg-logical",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="take the portable logical dump (pg_dump) of the database (default on); "
+        "--no-pg-logical only with --pg-physical: the backup then holds the base backup "
+        "alone, e.g. daily, with the portable dump on a weekly backup "
+        "(env RAG_BACKUP_PG_LOGICAL=0/1)",
+    )
+    backup.add_argument(
         "--pg-physical-zstd-level",
         type=_positive_int("--pg-physical-zstd-level"),
         default=None,
@@ -301,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("logical", "physical"),
         default=os.environ.get("RAG_BACKUP_PG_MODE", "logical"),
         help="logical (default): the dump into a fresh database beside the live one, with "
-        "PostgreSQL running; physical: the base backup (backup taken with --pg-physical) "
+        "PostgreSQL running (not for a backup taken with --no-pg-logical); physical: the "
+        "base backup (backup taken with --pg-physical) "
         "into a new data directory swapped with --pg-data-dir, PostgreSQL stopped "
         "(env RAG_BACKUP_PG_MODE)",
     )
@@ -428,6 +440,17 @@ def _cmd_backup(args: argparse.Namespace, progress: Progress) -> int:
     pg_physical = bool(args.pg_physical) or _env_flag("RAG_BACKUP_PG_PHYSICAL")
     if pg_physical and "postgres" not in components:
         raise BackupError("--pg-physical needs the postgres component in --components")
+    pg_logical = (
+        args.pg_logical
+        if args.pg_logical is not None
+        else _env_flag("RAG_BACKUP_PG_LOGICAL", default=True)
+    )
+    if not pg_logical and "postgres" in components and not pg_physical:
+        raise BackupError(
+            "--no-pg-logical (RAG_BACKUP_PG_LOGICAL=0) needs --pg-physical "
+            "(RAG_BACKUP_PG_PHYSICAL=1): a backup must contain PostgreSQL in some form; "
+            "add --pg-physical, or leave postgres out of --components"
+        )
     cfg = ops.BackupConfig(
         store=store,
         cipher=cipher,
@@ -441,6 +464,7 @@ def _cmd_backup(args: argparse.Namespace, progress: Progress) -> int:
         metrics_dir=args.metrics_dir,
         verify_after=args.verify,
         pg_physical=pg_physical,
+        pg_logical=pg_logical,
         pg_physical_zstd_level=args.pg_physical_zstd_level,
     )
     entry = ops.run_backup(cfg, progress)

@@ -73,6 +73,7 @@ class BackupConfig:
     metrics_dir: Path | None
     verify_after: bool
     pg_physical: bool = False  # also a pg_basebackup of the whole cluster
+    pg_logical: bool = True  # the portable pg_dump; False only with pg_physical
     pg_physical_zstd_level: int | None = None  # None: zstd_level
 
 
@@ -113,18 +114,22 @@ def _backup_postgres(
     settings = cfg.postgres
     assert settings is not None
     started = time.monotonic()
-    log(f"postgres: dumping database {settings.database}")
+    if cfg.pg_logical:
+        log(f"postgres: dumping database {settings.database}")
     session = pg.open_snapshot(settings)
     records: dict[str, ArtifactRecord] = {}
     counts: dict[str, int] = {}
     physical: dict[str, Any] = {}
     try:
-        producer = pg.start_pg_dump(settings, session.snapshot)
+        # Without a dump the snapshot still gives the row counts the base backup is checked
+        # against (its copy is consistent at a point after the snapshot).
+        producer = pg.start_pg_dump(settings, session.snapshot) if cfg.pg_logical else None
 
         def count() -> None:
             counts.update(pg.snapshot_row_counts(session))
 
         def dump() -> None:
+            assert producer is not None
             records["logical"] = write_encrypted(
                 name=artifact_file_name("postgres", cfg.cipher),
                 kind="pg_dump_custom",
@@ -154,20 +159,24 @@ def _backup_postgres(
             physical["row_counts_after"] = pg.row_counts(settings, settings.database)
             physical["user"] = pg.psql_value(settings, "SELECT current_user", settings.database)
 
-        tasks = [count, dump] + ([base_backup] if cfg.pg_physical else [])
+        tasks = (
+            [count]
+            + ([dump] if cfg.pg_logical else [])
+            + ([base_backup] if cfg.pg_physical else [])
+        )
         _run_threads(*tasks)
     finally:
         session.session.close()
-    artifacts = [records["logical"].to_json()]
+    forms = [form for form in ("logical", "physical") if form in records]
     result: dict[str, Any] = {
         "database": settings.database,
         "server_version": session.server_version,
         "row_counts": counts,
+        "forms": forms,  # informative; pg_forms() derives the forms from the artifacts
     }
     if cfg.pg_physical:
-        artifacts.append(records["physical"].to_json())
         result["physical"] = physical
-    result["artifacts"] = artifacts
+    result["artifacts"] = [records[form].to_json() for form in forms]
     result["duration_seconds"] = round(time.monotonic() - started, 3)
     return result
 
@@ -465,13 +474,22 @@ def verification_label(entry: BackupEntry) -> str:
     return f"{state} ({how} {entry.verification.get('checked_at', '?')})"
 
 
+def pg_form_label(entry: BackupEntry) -> str:
+    """``pg: logical``, ``pg: physical``, ``pg: logical+physical`` or ``pg: -``."""
+    return "pg: " + ("+".join(entry.pg_forms) or "-")
+
+
 def list_backups(store: BackupStore) -> list[str]:
-    lines = [f"{'ID':<20} {'CREATED (UTC)':<25} {'SIZE':>10}  {'COMPONENTS':<22} VERIFICATION"]
+    lines = [
+        f"{'ID':<20} {'CREATED (UTC)':<25} {'SIZE':>10}  {'COMPONENTS':<22} "
+        f"{'POSTGRES FORM':<21} VERIFICATION"
+    ]
     for entry in reversed(store.entries()):
         components = ",".join(entry.manifest["components"])
         lines.append(
             f"{entry.backup_id:<20} {entry.manifest.get('created_at', '?'):<25} "
-            f"{human_bytes(entry.total_size):>10}  {components:<22} {verification_label(entry)}"
+            f"{human_bytes(entry.total_size):>10}  {components:<22} "
+            f"{pg_form_label(entry):<21} {verification_label(entry)}"
         )
     return lines
 
@@ -488,7 +506,9 @@ class RetentionPolicy:
 
 def select_kept(entries: list[BackupEntry], policy: RetentionPolicy) -> dict[str, list[str]]:
     """backup id -> reasons to keep it. The newest backup of each of the last N days, ISO
-    weeks and months that have backups is kept; so is the newest verified backup."""
+    weeks and months that have backups is kept; so is the newest verified backup, and the
+    newest backup with a logical (portable) PostgreSQL dump: with physical-only daily
+    backups the retention alone could drop the last portable copy."""
     reasons: dict[str, list[str]] = {}
     newest_first = sorted(entries, key=lambda e: (e.created_unix, e.backup_id), reverse=True)
     buckets: tuple[tuple[str, int, Callable[[dt.datetime], tuple[int, ...]]], ...] = (
@@ -508,6 +528,10 @@ def select_kept(entries: list[BackupEntry], policy: RetentionPolicy) -> dict[str
     for entry in newest_first:
         if entry.verified_ok:
             reasons.setdefault(entry.backup_id, []).append("newest verified")
+            break
+    for entry in newest_first:
+        if entry.has_pg_logical:
+            reasons.setdefault(entry.backup_id, []).append("newest with a logical dump")
             break
     return reasons
 

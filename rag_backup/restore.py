@@ -24,7 +24,7 @@ from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_
 from rag_backup.ops import check_ciphertext, check_encryption_matches
 from rag_backup.procs import kill_all_children
 from rag_backup.progress import Progress, log
-from rag_backup.store import BackupEntry, BackupStore
+from rag_backup.store import PG_LOGICAL_KIND, BackupEntry, BackupStore
 from rag_backup.streams import ExpectedCiphertext, copy_stream, decrypted_stream
 
 MAX_PG_NAME = 63
@@ -55,21 +55,38 @@ class RestoreConfig:
     pg_physical: physical.PhysicalTarget | None = None  # required for pg_mode physical
 
 
+# The artifact each component restores from by default (PostgreSQL: the portable dump).
+PORTABLE_KIND = {"postgres": PG_LOGICAL_KIND, "redis": "redis_rdb", "chroma": "tar"}
+
+
 def _artifact(entry: BackupEntry, component: str, kind: str | None = None) -> dict[str, Any]:
-    """The component's artifact of ``kind`` (default: the first, the portable one)."""
+    """The component's artifact of ``kind`` (default: its portable one)."""
+    wanted = kind or PORTABLE_KIND[component]
     artifacts = entry.manifest["components"][component]["artifacts"]
     for artifact in artifacts:
-        if kind is None or artifact.get("kind") == kind:
+        if artifact.get("kind") == wanted:
             return dict(artifact)
-    raise BackupError(
-        f"backup {entry.backup_id} has no {kind} artifact for {component} "
-        "(it was taken without --pg-physical); use --pg-mode logical"
+    if wanted == physical.KIND:
+        raise BackupError(
+            f"backup {entry.backup_id} has no {wanted} artifact for {component} "
+            "(it was taken without --pg-physical); use --pg-mode logical"
+        )
+    if wanted == PG_LOGICAL_KIND:
+        raise BackupError(_no_logical_message(entry))
+    raise BackupError(f"backup {entry.backup_id} has no {wanted} artifact for {component}")
+
+
+def _no_logical_message(entry: BackupEntry) -> str:
+    return (
+        f"backup {entry.backup_id} has no logical PostgreSQL dump (it was taken with "
+        "--pg-physical --no-pg-logical: base backup only); restore it with --pg-mode "
+        "physical --pg-data-dir <data dir of the stopped PostgreSQL>, or pick a backup "
+        "with a logical dump (`rag-backup list` shows 'pg: logical'); nothing was changed"
     )
 
 
 def has_physical(entry: BackupEntry) -> bool:
-    postgres = entry.manifest["components"].get("postgres")
-    return bool(postgres) and any(a.get("kind") == physical.KIND for a in postgres["artifacts"])
+    return "physical" in entry.pg_forms
 
 
 @contextmanager
@@ -199,7 +216,7 @@ def run_restore(cfg: RestoreConfig, progress: Progress) -> list[str]:
     started = time.monotonic()
     with cfg.store.lock("restore"), Cipher(cfg.cipher) as cipher:
         log(f"checking backup {entry.backup_id} before touching anything")
-        pg_kind = physical.KIND if cfg.pg_mode == "physical" else "pg_dump_custom"
+        pg_kind = physical.KIND if cfg.pg_mode == "physical" else PG_LOGICAL_KIND
         _check_all_ciphertext(entry, components, cipher, {pg_kind, "redis_rdb", "tar"})
         _confirm(
             f"Restore backup {entry.backup_id} ({', '.join(components)}) over the live data? "
@@ -259,6 +276,8 @@ def _check_targets(cfg: RestoreConfig, entry: BackupEntry, components: tuple[str
             cfg.pg_physical, entry.backup_id, entry.manifest["components"]["postgres"]
         )
     elif "postgres" in components:
+        if not entry.has_pg_logical:
+            raise BackupError(_no_logical_message(entry))
         if cfg.postgres is None:
             raise BackupError(
                 "restoring postgres needs PGDATABASE / --pg-database and libpq settings"
@@ -603,12 +622,14 @@ def run_drill(cfg: DrillConfig, progress: Progress) -> float:
         try:
             with Cipher(cfg.cipher) as cipher:
                 _check_all_ciphertext(entry, components, cipher)
+                # Every artifact there is gets proven: with both PostgreSQL forms, the base
+                # backup (the fast restore) and the portable dump (the fallback).
                 tasks = [
-                    _drill_task(name, cfg, entry, cipher, work, progress) for name in components
+                    _drill_task(name, cfg, entry, cipher, work, progress)
+                    for name in components
+                    if name != "postgres" or entry.has_pg_logical
                 ]
                 if has_physical(entry):
-                    # Both PostgreSQL artifacts are proven: the base backup (the fast
-                    # restore) and the portable dump (the fallback).
                     tasks.append(_drill_physical_task(cfg, entry, cipher, work))
                 try:
                     _run_parallel(tasks)

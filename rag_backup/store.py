@@ -23,6 +23,23 @@ TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
 MANIFEST_FORMAT = 1
+# Artifact kinds of the two PostgreSQL forms (the manifest's artifact "kind").
+PG_LOGICAL_KIND = "pg_dump_custom"
+PG_PHYSICAL_KIND = "pg_basebackup_tar"
+
+
+def pg_forms(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The PostgreSQL forms a backup holds, from its artifacts: ("logical",),
+    ("physical",), ("logical", "physical") or () when it has no postgres component."""
+    postgres = manifest.get("components", {}).get("postgres")
+    if not postgres:
+        return ()
+    kinds = {artifact.get("kind") for artifact in postgres.get("artifacts", [])}
+    return tuple(
+        form
+        for form, kind in (("logical", PG_LOGICAL_KIND), ("physical", PG_PHYSICAL_KIND))
+        if kind in kinds
+    )
 
 
 def new_backup_id(when: dt.datetime) -> str:
@@ -66,6 +83,14 @@ class BackupEntry:
             for component in self.manifest["components"].values()
             for artifact in component["artifacts"]
         )
+
+    @property
+    def pg_forms(self) -> tuple[str, ...]:
+        return pg_forms(self.manifest)
+
+    @property
+    def has_pg_logical(self) -> bool:
+        return "logical" in self.pg_forms
 
     @property
     def verified_ok(self) -> bool:
