@@ -1,5 +1,11 @@
 """The backup container's scheduler: daily backup (+ verify, + prune), weekly drill.
 
+The environment decides the PostgreSQL form of the daily backup (rag-backup reads
+``RAG_BACKUP_PG_PHYSICAL`` / ``RAG_BACKUP_PG_LOGICAL`` itself). With
+``RAG_BACKUP_PG_PHYSICAL=1`` and ``RAG_BACKUP_PG_LOGICAL_WEEKDAY`` set (e.g. ``sun``), the
+daily backup is physical only (``--no-pg-logical``) except on that weekday (UTC), when it
+also keeps the portable logical dump (``--pg-logical``).
+
 ``python -m rag_backup.schedule`` runs forever; ``--once`` runs what is due now and
 exits (the tests run that against real servers); ``--check`` is the healthcheck.
 
@@ -47,9 +53,21 @@ class Schedule:
     backup_time: dt.time
     drill_weekday: int  # Monday = 0
     drill_time: dt.time
+    # None: every backup keeps the logical dump; else only on this weekday (Monday = 0),
+    # and only when the backup is physical (pg_physical).
+    pg_logical_weekday: int | None = None
+    pg_physical: bool = False
 
     @classmethod
-    def parse(cls, backup_time: str, drill_weekday: str, drill_time: str) -> Schedule:
+    def parse(
+        cls,
+        backup_time: str,
+        drill_weekday: str,
+        drill_time: str,
+        *,
+        pg_logical_weekday: str = "",
+        pg_physical: str = "",
+    ) -> Schedule:
         def hhmm(option: str, text: str) -> dt.time:
             try:
                 hours, minutes = (int(p) for p in text.split(":"))
@@ -62,11 +80,32 @@ class Schedule:
             raise ScheduleError(
                 f"RAG_DRILL_WEEKDAY = {drill_weekday!r}; expected one of {', '.join(WEEKDAYS)}"
             )
+        logical_day = pg_logical_weekday.strip().lower()
+        if logical_day and logical_day not in WEEKDAYS:
+            raise ScheduleError(
+                f"RAG_BACKUP_PG_LOGICAL_WEEKDAY = {pg_logical_weekday!r}; expected one of "
+                f"{', '.join(WEEKDAYS)}, or unset (every backup keeps the logical dump)"
+            )
+        physical = pg_physical.strip().lower()
+        if physical not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+            raise ScheduleError(
+                f"RAG_BACKUP_PG_PHYSICAL = {pg_physical!r}; expected 1/0, true/false"
+            )
         return cls(
             hhmm("RAG_BACKUP_TIME", backup_time),
             WEEKDAYS.index(day),
             hhmm("RAG_DRILL_TIME", drill_time),
+            WEEKDAYS.index(logical_day) if logical_day else None,
+            physical in ("1", "true", "yes", "on"),
         )
+
+    def backup_args(self, now: dt.datetime) -> list[str]:
+        """The daily backup's rag-backup arguments at ``now`` (UTC weekday decides)."""
+        args = ["backup", "--verify"]
+        if self.pg_physical and self.pg_logical_weekday is not None:
+            weekday = now.astimezone(dt.UTC).weekday()
+            args.append("--pg-logical" if weekday == self.pg_logical_weekday else "--no-pg-logical")
+        return args
 
     def last_backup_slot(self, now: dt.datetime) -> dt.datetime:
         slot = now.replace(
@@ -110,9 +149,14 @@ def _last_attempt(metrics_dir: Path, file: str, metric: str) -> float | None:
     return read_samples(metrics_dir / file).get((metric, None))
 
 
-def run_job(job: str, runner: Callable[[Sequence[str]], int]) -> bool:
-    """backup = backup --verify, then prune; drill = drill. True when all steps passed."""
-    steps = [["backup", "--verify"], ["prune"]] if job == "backup" else [["drill"]]
+def run_job(
+    job: str,
+    runner: Callable[[Sequence[str]], int],
+    backup_args: Sequence[str] = ("backup", "--verify"),
+) -> bool:
+    """backup = backup --verify (``backup_args``), then prune; drill = drill. True when all
+    steps passed."""
+    steps = [list(backup_args), ["prune"]] if job == "backup" else [["drill"]]
     for step in steps:
         print(f"rag-backup-schedule: running rag-backup {' '.join(step)}", flush=True)
         code = runner(step)
@@ -183,7 +227,7 @@ def run_pending(
         # Recorded before the run: a job that crashes is not retried until its next slot.
         attempts[job] = now.timestamp()
         write_atomic(metrics_dir / STATE_FILE, json.dumps(state))
-        results[job] = run_job(job, runner)
+        results[job] = run_job(job, runner, schedule.backup_args(now))
         success[job] = float(results[job])
         write_atomic(metrics_dir / STATE_FILE, json.dumps(state))
     write_scheduler_metrics(
@@ -230,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drill-weekday", default=os.environ.get("RAG_DRILL_WEEKDAY", "sun"))
     parser.add_argument("--drill-time", default=os.environ.get("RAG_DRILL_TIME", "04:30"))
     parser.add_argument(
+        "--pg-logical-weekday",
+        default=os.environ.get("RAG_BACKUP_PG_LOGICAL_WEEKDAY", ""),
+        help="with RAG_BACKUP_PG_PHYSICAL=1: the only weekday (UTC) whose backup keeps the "
+        "logical dump (env RAG_BACKUP_PG_LOGICAL_WEEKDAY; default: every backup)",
+    )
+    parser.add_argument(
         "--metrics-dir",
         type=Path,
         default=Path(os.environ["RAG_BACKUP_METRICS_DIR"])
@@ -245,7 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         return 0 if check_heartbeat(args.metrics_dir, time.time()) else 1
     try:
-        schedule = Schedule.parse(args.backup_time, args.drill_weekday, args.drill_time)
+        schedule = Schedule.parse(
+            args.backup_time,
+            args.drill_weekday,
+            args.drill_time,
+            pg_logical_weekday=args.pg_logical_weekday,
+            pg_physical=os.environ.get("RAG_BACKUP_PG_PHYSICAL", ""),
+        )
     except ScheduleError as exc:
         print(f"rag-backup-schedule: error: {exc}", file=sys.stderr)
         return 2

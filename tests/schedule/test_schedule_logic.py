@@ -58,6 +58,60 @@ def test_drill_is_weekly_on_its_day() -> None:
     assert "drill" not in due_jobs(SCHEDULE, at("2026-12-02T12:00"), backup, drilled)
 
 
+def test_without_a_logical_weekday_every_backup_is_the_same() -> None:
+    physical = Schedule.parse("03:00", "sun", "04:30", pg_physical="1")
+    for day in range(22, 29):  # a whole week, Sunday 2026-11-22 .. Saturday 11-28
+        now = at(f"2026-11-{day}T03:00")
+        assert SCHEDULE.backup_args(now) == ["backup", "--verify"]
+        assert physical.backup_args(now) == ["backup", "--verify"]
+
+
+def test_logical_dump_only_on_its_weekday_when_physical() -> None:
+    weekly = Schedule.parse("03:00", "sun", "04:30", pg_logical_weekday="Sun", pg_physical="1")
+    # 2026-11-29 is a Sunday; the rest of that week is physical only.
+    assert weekly.backup_args(at("2026-11-29T03:00")) == ["backup", "--verify", "--pg-logical"]
+    for day in range(23, 29):
+        assert weekly.backup_args(at(f"2026-11-{day}T03:00")) == [
+            "backup",
+            "--verify",
+            "--no-pg-logical",
+        ]
+    # The weekday is UTC's: Sunday 23:30 in New York is already Monday in UTC.
+    new_york = dt.timezone(dt.timedelta(hours=-5))
+    late_sunday = dt.datetime(2026, 11, 29, 23, 30, tzinfo=new_york)
+    assert weekly.backup_args(late_sunday)[-1] == "--no-pg-logical"
+    # Without physical backups the dump is the only PostgreSQL copy: never dropped.
+    logical_only = Schedule.parse("03:00", "sun", "04:30", pg_logical_weekday="sun")
+    assert logical_only.backup_args(at("2026-11-25T03:00")) == ["backup", "--verify"]
+
+
+def test_the_daily_job_passes_the_weekday_choice(tmp_path: Path) -> None:
+    weekly = Schedule.parse("03:00", "sun", "04:30", pg_logical_weekday="sun", pg_physical="yes")
+    calls: list[str] = []
+
+    def runner(args: Sequence[str]) -> int:
+        calls.append(" ".join(args))
+        return 0
+
+    run_pending(weekly, tmp_path, at("2026-11-25T03:00"), runner)  # a Wednesday
+    assert calls[:2] == ["backup --verify --no-pg-logical", "prune"]
+    calls.clear()
+    run_pending(weekly, tmp_path, at("2026-11-29T04:40"), runner)  # Sunday: backup + drill
+    assert calls == ["backup --verify --pg-logical", "prune", "drill"]
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"pg_logical_weekday": "sunday"}, "RAG_BACKUP_PG_LOGICAL_WEEKDAY = 'sunday'"),
+        ({"pg_physical": "maybe"}, "RAG_BACKUP_PG_PHYSICAL = 'maybe'"),
+    ],
+)
+def test_bad_pg_form_settings_are_named(keywords: dict[str, str], message: str) -> None:
+    with pytest.raises(ScheduleError, match=message):
+        Schedule.parse("03:00", "sun", "04:30", **keywords)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

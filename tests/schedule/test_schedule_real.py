@@ -3,6 +3,8 @@ rag-backup against real PostgreSQL, Redis (TLS, appendonly) and a Chroma-like di
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rag_backup.metrics import BACKUP_FILE, DRILL_FILE, read_samples
-from rag_backup.schedule import SCHEDULER_FILE
+from rag_backup.schedule import SCHEDULER_FILE, WEEKDAYS
 from tests.backup.conftest import Stack, make_stack
 from tests.tooling import require_tool
 
@@ -25,7 +27,9 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     yield from make_stack(tmp_path)
 
 
-def run_scheduler_once(stack: Stack) -> subprocess.CompletedProcess[str]:
+def run_scheduler_once(
+    stack: Stack, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         **stack.env,
@@ -33,6 +37,7 @@ def run_scheduler_once(stack: Stack) -> subprocess.CompletedProcess[str]:
         "RAG_BACKUP_TIME": "00:00",
         "RAG_DRILL_WEEKDAY": "mon",
         "RAG_DRILL_TIME": "00:00",
+        **(extra_env or {}),
     }
     return subprocess.run(
         [sys.executable, "-m", "rag_backup.schedule", "--once"],
@@ -87,3 +92,23 @@ def test_a_failed_run_shows_up_as_a_metric(stack: Stack) -> None:
     scheduler = (stack.metrics_dir / SCHEDULER_FILE).read_text()
     assert 'rag_backup_scheduler_job_success{job="backup"} 0' in scheduler
     assert not [p for p in stack.backup_dir.iterdir() if not p.name.startswith(".")]
+
+
+def test_physical_daily_backup_without_the_dump_off_its_weekday(stack: Stack) -> None:
+    """Physical daily, logical weekly: on any other weekday the scheduled backup holds the
+    base backup alone, verifies, and the drill proves it."""
+    require_tool("pg_basebackup")
+    today = dt.datetime.now(dt.UTC).weekday()
+    other_day = WEEKDAYS[(today + 3) % 7]
+    result = run_scheduler_once(
+        stack, {"RAG_BACKUP_PG_PHYSICAL": "1", "RAG_BACKUP_PG_LOGICAL_WEEKDAY": other_day}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "running rag-backup backup --verify --no-pg-logical" in result.stdout
+    assert "drill: postgres physical ok" in result.stderr
+    backups = [p for p in stack.backup_dir.iterdir() if not p.name.startswith(".")]
+    assert len(backups) == 1
+    manifest = json.loads((backups[0] / "manifest.json").read_text())
+    kinds = [a["kind"] for a in manifest["components"]["postgres"]["artifacts"]]
+    assert kinds == ["pg_basebackup_tar"]
+    assert metric(stack.metrics_dir / DRILL_FILE, "rag_restore_drill_last_run_success") == 1
