@@ -6,6 +6,9 @@ plus a Redis dataset of about 5% of that), then times:
   plan backup   pg_dump | gzip > f; gpg f   tar czf; gpg   redis-cli --rdb; gpg  (one by one)
   plan restore  gpg -d | gunzip | psql (fresh db)   gpg -d | tar xzf   gpg -d > dump.rdb
   rag-backup    backup; restore --yes (verify, stage, check, swap, Redis AOF check included)
+                in three configurations: A logical dump only (restore --pg-mode logical),
+                B --pg-physical (dump + base backup; restore --pg-mode physical), C
+                --pg-physical --no-pg-logical (base backup only; restore --pg-mode physical)
 
 and prints times, sizes and ratios. Usage:
   ./venv/bin/python benchmarks/backup_bench.py [--size-mb 1024] [--work-dir DIR]
@@ -334,15 +337,24 @@ def main() -> int:
         def ours_backup_physical() -> None:
             ids["physical"] = run_ours(["backup", "--quiet", "--pg-physical"])
 
+        def ours_backup_physical_only() -> None:
+            ids["physical_only"] = run_ours(
+                ["backup", "--quiet", "--pg-physical", "--no-pg-logical"]
+            )
+
         backup_logical_s = timed("backup (logical dump only)", ours_backup_logical)
         backup_physical_s = timed("backup --pg-physical (dump + base)", ours_backup_physical)
-        size_logical = backup_size(ids["logical"])
-        size_physical = backup_size(ids["physical"])
         manifest = json.loads(
             (root / "rag-backups" / ids["physical"] / "manifest.json").read_text()
         )
         for artifact in manifest["components"]["postgres"]["artifacts"]:
             print(f"    {artifact['name']:<32} {artifact['size'] / 2**20:8.1f} MiB")
+        backup_physical_only_s = timed(
+            "backup --pg-physical --no-pg-logical", ours_backup_physical_only
+        )
+        size_logical = backup_size(ids["logical"])
+        size_physical = backup_size(ids["physical"])
+        size_physical_only = backup_size(ids["physical_only"])
         redis.stop()  # the documented restore procedure stops Redis first
 
         timings: dict[str, str] = {}
@@ -379,9 +391,28 @@ def main() -> int:
                 raise SystemExit(f"rag-backup {args[0]} failed: {result.stderr[-2000:]}")
             return result.stderr
 
-        restore_physical_s = timed("restore --pg-mode physical", ours_restore_physical)
+        restore_physical_s = timed("restore --pg-mode physical (B)", ours_restore_physical)
         pg_start_s = timed("  + start PostgreSQL afterwards", pg.start_again)
         restore_physical_total_s = restore_physical_s + pg_start_s
+
+        def ours_restore_physical_only() -> None:
+            stderr = run_ours_stderr(
+                restore_cmd(
+                    ids["physical_only"],
+                    "--pg-mode",
+                    "physical",
+                    "--pg-data-dir",
+                    str(pg.data_dir),
+                )
+            )
+            capture_timings("phys-only", stderr)
+
+        pg.shutdown()
+        restore_physical_only_s = timed(
+            "restore --pg-mode physical (C)", ours_restore_physical_only
+        )
+        pg_start_only_s = timed("  + start PostgreSQL afterwards", pg.start_again)
+        restore_physical_only_total_s = restore_physical_only_s + pg_start_only_s
 
         def ours_restore_logical() -> None:
             capture_timings("logical", run_ours_stderr(restore_cmd(ids["logical"])))
@@ -392,6 +423,11 @@ def main() -> int:
             run_ours(["drill", "--quiet", ids["physical"]])
 
         drill_s = timed("drill (both PG artifacts)", ours_drill)
+
+        def ours_drill_physical_only() -> None:
+            run_ours(["drill", "--quiet", ids["physical_only"]])
+
+        drill_physical_only_s = timed("drill (C, base backup only)", ours_drill_physical_only)
         print("restore phases (rag-backup's own timings; staging runs in parallel):")
         for label, line in timings.items():
             print(f"  {label:<9}: {line}")
@@ -424,6 +460,15 @@ def main() -> int:
         print(ratio_line("restore", plan_restore_s, restore_physical_total_s, 3))
         print(size_line("size", size_physical))
         print(f"  drill (B, both PG artifacts + redis + chroma): {drill_s:.2f} s")
+        print(
+            "results, configuration C (--pg-physical --no-pg-logical: base backup only, the "
+            "daily backup when the portable dump is weekly; restore --pg-mode physical, "
+            "PostgreSQL stopped, time incl. its start):"
+        )
+        print(ratio_line("backup", plan_backup_s, backup_physical_only_s, 5))
+        print(ratio_line("restore", plan_restore_s, restore_physical_only_total_s, 3))
+        print(size_line("size", size_physical_only))
+        print(f"  drill (C, base backup + redis + chroma): {drill_physical_only_s:.2f} s")
         return 0
     finally:
         for server in servers:
