@@ -350,7 +350,7 @@ def main() -> int:
         for artifact in manifest["components"]["postgres"]["artifacts"]:
             print(f"    {artifact['name']:<32} {artifact['size'] / 2**20:8.1f} MiB")
         backup_physical_only_s = timed(
-            "backup --pg-physical --no-pg-logical", ours_backup_physical_only
+            "backup --no-pg-logical (base only)", ours_backup_physical_only
         )
         size_logical = backup_size(ids["logical"])
         size_physical = backup_size(ids["physical"])
