@@ -66,7 +66,12 @@ def sh_pipeline(
             out_file.close()
 
 
-def timed(label: str, func: object) -> float:
+def timed(label: str, func: object, *, settle: bool = True) -> float:
+    """Time one step. ``settle``: first write back the page cache the previous step left
+    dirty (os.sync, not timed), so no step pays for its predecessor's writes; the plan's
+    steps and rag-backup's alike."""
+    if settle:
+        os.sync()
     started = time.monotonic()
     func()  # type: ignore[operator]
     elapsed = time.monotonic() - started
@@ -392,7 +397,7 @@ def main() -> int:
             return result.stderr
 
         restore_physical_s = timed("restore --pg-mode physical (B)", ours_restore_physical)
-        pg_start_s = timed("  + start PostgreSQL afterwards", pg.start_again)
+        pg_start_s = timed("  + start PostgreSQL afterwards", pg.start_again, settle=False)
         restore_physical_total_s = restore_physical_s + pg_start_s
 
         def ours_restore_physical_only() -> None:
@@ -407,11 +412,19 @@ def main() -> int:
             )
             capture_timings("phys-only", stderr)
 
+        # Same starting state as B's restore: one live copy of each store, nothing kept aside
+        # (B's rollback copies are removed, untimed).
+        for kept in (
+            pg.data_dir.parent / f"{pg.data_dir.name}.pre-restore-{ids['physical']}",
+            chroma_dir.parent / f"{chroma_dir.name}.pre-restore-{ids['physical']}",
+            redis_data / f"rag-pre-restore-{ids['physical']}",
+        ):
+            shutil.rmtree(kept)
         pg.shutdown()
         restore_physical_only_s = timed(
             "restore --pg-mode physical (C)", ours_restore_physical_only
         )
-        pg_start_only_s = timed("  + start PostgreSQL afterwards", pg.start_again)
+        pg_start_only_s = timed("  + start PostgreSQL afterwards", pg.start_again, settle=False)
         restore_physical_only_total_s = restore_physical_only_s + pg_start_only_s
 
         def ours_restore_logical() -> None:
