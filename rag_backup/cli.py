@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also take a physical base backup (pg_basebackup) of the whole cluster, for a "
         "restore at copy speed; needs a replication connection (pg_hba 'replication' line, "
-        "a role with REPLICATION); the logical dump is always taken too "
+        "a role with REPLICATION); the logical dump is taken too unless --no-pg-logical "
         "(env RAG_BACKUP_PG_PHYSICAL=1)",
     )
     backup.add_argument(
