@@ -103,8 +103,13 @@ echo "restore-stack: stopping ${stop[*]} (PostgreSQL restore: $pg_mode)"
 docker stop "${stop[@]}" >/dev/null
 
 echo "restore-stack: restoring"
-run_job 0:0 restore ${backup_id:+"$backup_id"} "${components[@]}" --yes --staging-dir /scratch "${pg_args[@]}" \
-  --redis-data-dir /redis-data --redis-server-cmd redis-server
+if ! run_job 0:0 restore ${backup_id:+"$backup_id"} "${components[@]}" --yes --staging-dir /scratch "${pg_args[@]}" \
+  --redis-data-dir /redis-data --redis-server-cmd redis-server; then
+  # rag-backup swaps nothing it has not fully checked: the live data is as it was.
+  echo "restore-stack: restore failed; the previous data is in place, starting the services again" >&2
+  for container in "${stop[@]}"; do docker start "$container" >/dev/null || true; done
+  exit 1
+fi
 docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN \
   --mount "type=volume,source=$redis_volume,target=/redis-data" \
   --mount "type=volume,source=$chroma_volume,target=/chroma" \

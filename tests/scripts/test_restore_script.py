@@ -161,3 +161,17 @@ def test_components_are_passed_to_the_restore(tmp_path: Path) -> None:
     code, calls, err = run_script(tmp_path, "staging", "--components", "redis,chroma", "--yes")
     assert code == 0, err
     assert "--components redis,chroma" in calls[index(calls, "-m rag_backup restore")]
+
+
+def test_a_failed_restore_brings_the_stopped_services_back(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--yes", fail_on="rag_backup restore")
+    assert code == 1 and "previous data is in place" in err
+    restore = index(calls, "-m rag_backup restore")
+    restarted = {c.split()[1] for c in calls[restore:] if c.startswith("start ")}
+    assert restarted == {
+        "rag-staging-api",
+        "rag-staging-backup",
+        "rag-staging-redis",
+        "rag-staging-postgres",
+    }
+    assert not any("chown" in c for c in calls[restore:])
