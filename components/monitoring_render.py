@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from components.config import SECRET_KEYS, ConfigError, StackConfig, parse_stack_config
+from components.config import PROJECT, SECRET_KEYS, ConfigError, StackConfig, parse_stack_config
+from components.containers import CONFIG_DIR
 from components.monitoring_config import (
     AppMetricNames,
     MonitoringConfigError,
@@ -26,9 +27,8 @@ from components.monitoring_config import (
 )
 
 # Where the Monitoring component mounts Alertmanager's SMTP password file.
-SMTP_PASSWORD_FILE = "/etc/rag/secrets/smtp_password"  # noqa: S105 (a path)
+SMTP_PASSWORD_FILE = f"{CONFIG_DIR}/secrets/smtp_password"
 
-PROJECT = "personal-rag"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -259,16 +259,9 @@ TEST_SECRETS: dict[str, str] = {"smtpPassword": "smtp-password-for-tests"}
 
 
 def committed_stack_config(stack: str) -> dict[str, str]:
-    import yaml
+    from components.monitoring_render import read_stack_file
 
-    path = REPO / f"Pulumi.{stack}.yaml"
-    data = yaml.safe_load(path.read_text()) if path.exists() else {"config": {}}
-    prefix = f"{PROJECT}:"
-    return {
-        k[len(prefix) :]: str(v).lower() if isinstance(v, bool) else str(v)
-        for k, v in (data.get("config") or {}).items()
-        if k.startswith(prefix)
-    }
+    return read_stack_file(REPO / f"Pulumi.{stack}.yaml")
 
 
 SECRET_KEYS = {"smtpPassword", "ghcrToken"}
@@ -368,3 +361,30 @@ def run_program(
 
     program()
     return ProgramRun(stack, mocks.resources, exports, mocks.generated_secrets, config, options)
+
+
+INCOMING_DIR = "/incoming/"  # where the config-init containers receive the files
+
+
+def container_inputs(run: ProgramRun, service: str) -> dict[str, Any]:
+    """Inputs of container ``rag-<stack>-<service>`` (plain values, secrets revealed)."""
+    name = f"rag-{run.stack}-{service}"
+    if name not in run.containers:
+        raise KeyError(f"the program declares no container {name!r}")
+    return run.containers[name].inputs
+
+
+def container_env(run: ProgramRun, service: str) -> dict[str, str]:
+    """The environment of ``rag-<stack>-<service>`` as a dict."""
+    return dict(e.split("=", 1) for e in container_inputs(run, service).get("envs") or [])
+
+
+def uploaded_files(run: ProgramRun, service: str) -> dict[str, str]:
+    """``path under CONFIG_DIR -> content`` of what ``rag-<stack>-<service>-config-init``
+    uploads (it copies /incoming/<path> to the service's CONFIG_DIR/<path>)."""
+    files = {}
+    for upload in container_inputs(run, f"{service}-config-init")["uploads"]:
+        target = upload["file"]
+        assert target.startswith(INCOMING_DIR), target
+        files[target.removeprefix(INCOMING_DIR)] = upload["content"]
+    return files

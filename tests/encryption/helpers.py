@@ -17,37 +17,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from tests.pulumi_harness import ProgramRun
+from tests.pulumi_harness import ProgramRun, container_inputs, uploaded_files
 from tests.servers import free_port, stop_process, wait_listening
 
 CONFIG_DIR = "/etc/rag"  # where the program's services find their files
-INCOMING_DIR = "/incoming/"  # where the config-init containers receive them
 START_TIMEOUT_S = 20.0
 TOOL_TIMEOUT_S = 30.0
 
 
 def other_stack(stack: str) -> str:
     return {"staging": "prod", "prod": "staging"}[stack]
-
-
-def container_inputs(run: ProgramRun, service: str) -> dict[str, Any]:
-    """Inputs of container ``rag-<stack>-<service>`` (plain values, secrets revealed)."""
-    name = f"rag-{run.stack}-{service}"
-    containers = run.containers
-    if name not in containers:
-        raise KeyError(f"the program declares no container {name!r}")
-    return containers[name].inputs
-
-
-def uploaded_files(run: ProgramRun, service: str) -> dict[str, str]:
-    """``path under CONFIG_DIR -> content`` of what ``rag-<stack>-<service>-config-init``
-    uploads (it copies /incoming/<path> to the service's CONFIG_DIR/<path>)."""
-    files = {}
-    for upload in container_inputs(run, f"{service}-config-init")["uploads"]:
-        target = upload["file"]
-        assert target.startswith(INCOMING_DIR), target
-        files[target.removeprefix(INCOMING_DIR)] = upload["content"]
-    return files
 
 
 def resource_state(run: ProgramRun, typ: str, name: str) -> dict[str, Any]:

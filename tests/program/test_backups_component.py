@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pulumi_harness import ProgramRun, is_secret, run_program, stack_config
+from tests.pulumi_harness import (
+    ProgramRun,
+    container_env,
+    is_secret,
+    run_program,
+    stack_config,
+)
 
 STACKS = ("staging", "prod")
 
@@ -16,10 +22,6 @@ def runs() -> dict[str, ProgramRun]:
 
 def mounts(run: ProgramRun, container: str) -> dict[str, dict]:
     return {m["target"]: m for m in run.containers[container].inputs["mounts"]}
-
-
-def env(run: ProgramRun, container: str) -> dict[str, str]:
-    return dict(e.split("=", 1) for e in run.containers[container].inputs["envs"])
 
 
 def test_backup_job_reads_data_and_writes_only_its_own_volumes(
@@ -53,7 +55,7 @@ def test_schedule_and_retention_come_from_config() -> None:
             backupKeepDaily="3",
         ),
     )
-    e = env(run, "rag-staging-backup")
+    e = container_env(run, "backup")
     assert (e["RAG_BACKUP_TIME"], e["RAG_DRILL_WEEKDAY"], e["RAG_DRILL_TIME"]) == (
         "01:15",
         "wed",
@@ -63,7 +65,7 @@ def test_schedule_and_retention_come_from_config() -> None:
 
 
 def test_default_schedule_is_daily_at_three(runs: dict[str, ProgramRun]) -> None:
-    assert env(runs["prod"], "rag-prod-backup")["RAG_BACKUP_TIME"] == "03:00"
+    assert container_env(runs["prod"], "backup")["RAG_BACKUP_TIME"] == "03:00"
 
 
 def test_keys_are_secret_files_distinct_per_stack(runs: dict[str, ProgramRun]) -> None:
@@ -73,7 +75,7 @@ def test_keys_are_secret_files_distinct_per_stack(runs: dict[str, ProgramRun]) -
         assert is_secret(init.raw_inputs["uploads"])
         files = {u["file"]: u["content"] for u in init.inputs["uploads"]}
         passphrase = files["/incoming/secrets/backup_passphrase"]
-        key_file = env(run, f"rag-{stack}-backup")["RAG_BACKUP_KEY_FILE"]
+        key_file = container_env(run, "backup")["RAG_BACKUP_KEY_FILE"]
         assert key_file == "/etc/rag/secrets/backup_passphrase"
         exported, secret = run.exports["backupPassphrase"]
         assert secret and exported == passphrase
@@ -83,7 +85,7 @@ def test_keys_are_secret_files_distinct_per_stack(runs: dict[str, ProgramRun]) -
 
 def test_metrics_land_where_node_exporter_reads_them(runs: dict[str, ProgramRun]) -> None:
     for stack, run in runs.items():
-        backup_dir = env(run, f"rag-{stack}-backup")["RAG_BACKUP_METRICS_DIR"]
+        backup_dir = container_env(run, "backup")["RAG_BACKUP_METRICS_DIR"]
         backup_volume = mounts(run, f"rag-{stack}-backup")[backup_dir]["source"]
         node = run.containers[f"rag-{stack}-node-exporter"].inputs
         flag = next(c for c in node["command"] if c.startswith("--collector.textfile.directory="))
@@ -111,15 +113,15 @@ def test_backup_image_is_built_locally_not_pushed(runs: dict[str, ProgramRun]) -
 def test_physical_base_backups_are_on_by_default_and_configurable(
     runs: dict[str, ProgramRun],
 ) -> None:
-    assert env(runs["prod"], "rag-prod-backup")["RAG_BACKUP_PG_PHYSICAL"] == "1"
+    assert container_env(runs["prod"], "backup")["RAG_BACKUP_PG_PHYSICAL"] == "1"
     off = run_program("prod", stack_config("prod", backupPgPhysical="false"))
-    assert env(off, "rag-prod-backup")["RAG_BACKUP_PG_PHYSICAL"] == "0"
+    assert container_env(off, "backup")["RAG_BACKUP_PG_PHYSICAL"] == "0"
 
 
 def test_portable_dump_weekday_follows_config(runs: dict[str, ProgramRun]) -> None:
-    assert env(runs["prod"], "rag-prod-backup")["RAG_BACKUP_PG_LOGICAL_WEEKDAY"] == "sun"
+    assert container_env(runs["prod"], "backup")["RAG_BACKUP_PG_LOGICAL_WEEKDAY"] == "sun"
     daily = run_program("prod", stack_config("prod", backupPgLogicalWeekday="daily"))
-    assert "RAG_BACKUP_PG_LOGICAL_WEEKDAY" not in env(daily, "rag-prod-backup")
+    assert "RAG_BACKUP_PG_LOGICAL_WEEKDAY" not in container_env(daily, "backup")
     logical_only = run_program("prod", stack_config("prod", backupPgPhysical="false"))
     # Without base backups every backup must carry the logical dump.
-    assert "RAG_BACKUP_PG_LOGICAL_WEEKDAY" not in env(logical_only, "rag-prod-backup")
+    assert "RAG_BACKUP_PG_LOGICAL_WEEKDAY" not in container_env(logical_only, "backup")

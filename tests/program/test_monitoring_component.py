@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from components.monitoring_render import main as render_main
-from tests.pulumi_harness import ProgramRun, is_secret, run_program
+from tests.pulumi_harness import ProgramRun, is_secret, run_program, uploaded_files
 
 STACKS = ("staging", "prod")
 SERVICES = ("prometheus", "alertmanager", "node-exporter", "redis-exporter", "postgres-exporter")
@@ -18,11 +18,6 @@ SERVICES = ("prometheus", "alertmanager", "node-exporter", "redis-exporter", "po
 @pytest.fixture(scope="module")
 def runs() -> dict[str, ProgramRun]:
     return {stack: run_program(stack) for stack in STACKS}
-
-
-def uploads(run: ProgramRun, container: str) -> dict[str, str]:
-    init = run.containers[f"{container}-config-init"]
-    return {u["file"].removeprefix("/incoming/"): u["content"] for u in init.inputs["uploads"]}
 
 
 def test_monitoring_services_exist_per_stack(runs: dict[str, ProgramRun]) -> None:
@@ -68,7 +63,7 @@ def test_alertmanager_reads_the_smtp_password_from_a_secret_file(
 ) -> None:
     for stack, run in runs.items():
         name = f"rag-{stack}-alertmanager"
-        files = uploads(run, name)
+        files = uploaded_files(run, "alertmanager")
         config = yaml.safe_load(files["alertmanager.yml"])
         password_file = config["global"]["smtp_auth_password_file"]
         assert "smtp-password-for-tests" not in files["alertmanager.yml"]
@@ -82,7 +77,7 @@ def test_alertmanager_reads_the_smtp_password_from_a_secret_file(
 
 def test_prometheus_config_points_at_this_stacks_services(runs: dict[str, ProgramRun]) -> None:
     for stack, run in runs.items():
-        files = uploads(run, f"rag-{stack}-prometheus")
+        files = uploaded_files(run, "prometheus")
         config = yaml.safe_load(files["prometheus.yml"])
         assert config["global"]["external_labels"]["stack"] == stack
         targets = [
@@ -104,7 +99,7 @@ def test_redis_exporter_uses_its_own_user_cert_and_password_file(
         assert f"--redis.addr=rediss://rag-{stack}-redis:6379" in command
         assert "--redis.user=exporter" in command
         assert not any(c.startswith("--redis.password=") for c in command)
-        files = uploads(run, name)
+        files = uploaded_files(run, "redis-exporter")
         password_map = json.loads(files["secrets/redis_password.json"])
         assert list(password_map) == [f"rediss://rag-{stack}-redis:6379"]
         assert {"tls/ca.crt", "tls/client.crt", "tls/client.key"} <= set(files)
@@ -118,8 +113,8 @@ def test_render_command_writes_what_the_stack_deploys(
         out = tmp_path / stack
         assert render_main(["--stack", stack, "--out", str(out)]) == 0
         deployed = {
-            **uploads(run, f"rag-{stack}-prometheus"),
-            **uploads(run, f"rag-{stack}-alertmanager"),
+            **uploaded_files(run, "prometheus"),
+            **uploaded_files(run, "alertmanager"),
         }
         for name in ("prometheus.yml", "alerts.yml", "alertmanager.yml"):
             assert (out / name).read_text() == deployed[name], (stack, name)
