@@ -82,16 +82,29 @@ class ServiceSpec:
     one_shot: bool = False
 
 
+# Volume purposes whose contents exist nowhere else (databases, Chroma, the documents,
+# the backups): protected, so no preview can delete or replace them (a rename must ship
+# `aliases`, CONTRIBUTING.md). Certificates, metrics and alert state can be re-made.
+IRREPLACEABLE_PURPOSES = frozenset({"data", "documents", "backups"})
+PURPOSE_LABEL = "personal-rag.purpose"
+
+
 def stack_volume(
     name: str, parent: pulumi.Resource, purpose: str, holds_data: bool
 ) -> docker.Volume:
     """Docker volume ``name`` (it carries the stack). Volumes that hold data outlive the
-    stack: ``pulumi destroy`` leaves them (retain on delete), so nothing is lost."""
+    stack: ``pulumi destroy`` leaves them (retain on delete), so nothing is lost; the
+    irreplaceable ones are also protected."""
+    irreplaceable = purpose in IRREPLACEABLE_PURPOSES
+    if irreplaceable and not holds_data:
+        raise ValueError(f"{name}: a volume for {purpose!r} holds data")
     return docker.Volume(
         name,
         name=name,
-        labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value=purpose)],
-        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=holds_data),
+        labels=[docker.VolumeLabelArgs(label=PURPOSE_LABEL, value=purpose)],
+        opts=pulumi.ResourceOptions(
+            parent=parent, retain_on_delete=holds_data, protect=irreplaceable
+        ),
     )
 
 

@@ -36,13 +36,14 @@ class StackSecrets(pulumi.ComponentResource):
         super().__init__("personal-rag:index:StackSecrets", name, None, opts)
         stack = args.config.stack
 
-        def password(purpose: str, length: int) -> pulumi.Output[str]:
+        def password(purpose: str, length: int, irreplaceable: bool = False) -> pulumi.Output[str]:
             # Alphanumeric only: the values land in URLs, pgpass and ACL files unescaped.
             generated = random.RandomPassword(
                 f"rag-{stack}-{purpose}",
                 length=length,
                 special=False,
-                opts=pulumi.ResourceOptions(parent=self),
+                # A lost key cannot be re-made: protected (CONTRIBUTING.md, renames).
+                opts=pulumi.ResourceOptions(parent=self, protect=irreplaceable),
             )
             return pulumi.Output.secret(generated.result)
 
@@ -51,8 +52,10 @@ class StackSecrets(pulumi.ComponentResource):
         self.redis_passwords = {
             user: password(f"redis-{user}-password", 32) for user in REDIS_USERS
         }
-        self.data_encryption_key = password("data-encryption-key", 48)
-        self.backup_passphrase = password("backup-passphrase", 64)
+        # Passwords are replaceable (the migration and the ACL file set new ones); these two
+        # are not: pgcrypto rows and every backup are encrypted with them.
+        self.data_encryption_key = password("data-encryption-key", 48, irreplaceable=True)
+        self.backup_passphrase = password("backup-passphrase", 64, irreplaceable=True)
 
         self.register_outputs(
             {

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pulumi.runtime import rpc
+from pulumi.runtime.mocks import MockMonitor
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "personal-rag"
@@ -254,6 +255,95 @@ class RecordingMocks(pulumi.runtime.Mocks):
         raise NotImplementedError(f"mock has no answer for invoke {args.token}")
 
 
+ROOT_STACK_TYPE = "pulumi:pulumi:Stack"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the engine would receive for one resource: its URN and its options."""
+
+    urn: str
+    typ: str
+    name: str
+    custom: bool
+    protect: bool
+    retain_on_delete: bool
+    # URNs this resource answers to besides its own (its aliases and those its
+    # parents' aliases give it), as the engine resolves them.
+    alias_urns: frozenset[str]
+
+
+def engine_urn(stack: str, parent_urn: str, typ: str, name: str) -> str:
+    """The URN the Pulumi engine gives a resource: the parent's full qualified type
+    chain, ``$``-joined, except the root stack's (the mock monitor's own make_urn keeps
+    only the parent's last type, which `pulumi stack --show-urns` never shows)."""
+    if parent_urn:
+        parent_type = parent_urn.split("::")[2]
+        if parent_type != ROOT_STACK_TYPE:
+            typ = f"{parent_type}${typ}"
+    return f"urn:pulumi:{stack}::{PROJECT}::{typ}::{name}"
+
+
+def urn_type_and_name(urn: str) -> tuple[str, str]:
+    """(qualified type, name) of a URN; the name may itself contain ``::``."""
+    parts = urn.split("::")
+    return parts[2], "::".join(parts[3:])
+
+
+class RecordingMonitor(MockMonitor):
+    """The mock monitor, with engine URNs and the resource options the engine would
+    see (protect, retainOnDelete, aliases): mocks' new_resource never gets them."""
+
+    def __init__(self, mocks: pulumi.runtime.Mocks, stack: str) -> None:
+        super().__init__(mocks)
+        self.stack = stack
+        self.registrations: list[Registration] = []
+        self._alias_urns: dict[str, frozenset[str]] = {}
+
+    def make_urn(self, parent: str, type_: str, name: str) -> str:
+        return engine_urn(self.stack, parent, type_, name)
+
+    def _aliases(self, request: Any) -> frozenset[str]:
+        own: set[str] = set()
+        parent_alias_urns = self._alias_urns.get(request.parent, frozenset())
+        for alias in request.aliases:
+            if alias.urn:
+                own.add(alias.urn)
+                continue
+            spec = alias.spec
+            parent = "" if spec.noParent else (spec.parentUrn or request.parent)
+            own.add(
+                engine_urn(
+                    spec.stack or self.stack,
+                    parent,
+                    spec.type or request.type,
+                    spec.name or request.name,
+                ).replace(f"::{PROJECT}::", f"::{spec.project or PROJECT}::", 1)
+            )
+        # A child of an aliased parent answers to its name under the parent's old URNs.
+        for parent_alias in parent_alias_urns:
+            own.add(engine_urn(self.stack, parent_alias, request.type, request.name))
+        return frozenset(own)
+
+    def RegisterResource(self, request: Any) -> Any:
+        response = super().RegisterResource(request)
+        if request.type != ROOT_STACK_TYPE:
+            aliases = self._aliases(request)
+            self._alias_urns[response.urn] = aliases
+            self.registrations.append(
+                Registration(
+                    urn=response.urn,
+                    typ=request.type,
+                    name=request.name,
+                    custom=bool(request.custom),
+                    protect=bool(request.protect),
+                    retain_on_delete=bool(request.retainOnDelete),
+                    alias_urns=aliases,
+                )
+            )
+        return response
+
+
 # Tests run the committed stack files plus the secrets a user would set.
 TEST_SECRETS: dict[str, str] = {"smtpPassword": "smtp-password-for-tests"}
 
@@ -276,6 +366,12 @@ class ProgramRun:
     config: dict[str, str] = field(default_factory=dict)
     # (type, logical name) -> the ResourceOptions the program passed (mocks never see them)
     options: dict[tuple[str, str], pulumi.ResourceOptions] = field(default_factory=dict)
+    # Every resource (components too) as the engine would register it.
+    registrations: list[Registration] = field(default_factory=list)
+
+    @property
+    def urns(self) -> dict[str, Registration]:
+        return {r.urn: r for r in self.registrations}
 
     def of_type(self, typ: str) -> list[Recorded]:
         return [r for r in self.resources if r.typ == typ]
@@ -321,7 +417,8 @@ def run_program(
     config = dict(stack_config(stack) if config is None else config)
     secret_keys = SECRET_KEYS if secret_keys is None else secret_keys
     mocks = RecordingMocks(stack, exit_codes)
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    monitor = RecordingMonitor(mocks, stack)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(
         {f"{PROJECT}:{k}": v for k, v in config.items()},
         [f"{PROJECT}:{k}" for k in secret_keys if k in config],
@@ -360,7 +457,15 @@ def run_program(
         return pulumi.Output.from_input(resolve())
 
     program()
-    return ProgramRun(stack, mocks.resources, exports, mocks.generated_secrets, config, options)
+    return ProgramRun(
+        stack,
+        mocks.resources,
+        exports,
+        mocks.generated_secrets,
+        config,
+        options,
+        monitor.registrations,
+    )
 
 
 INCOMING_DIR = "/incoming/"  # where the config-init containers receive the files
