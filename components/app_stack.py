@@ -38,6 +38,7 @@ from components.containers import (
     stack_volume,
     volume_mount,
 )
+from components.images import image
 from components.redis_tls import RedisTls
 from components.service_files import (
     API_PORT,
@@ -54,9 +55,9 @@ from components.service_files import (
 )
 from components.stack_secrets import StackSecrets
 
-REDIS_IMAGE = "redis:7.4.2-alpine"
-POSTGRES_IMAGE = "postgres:15.10-bookworm"
-CADDY_IMAGE = "caddy:2.8.4-alpine"
+REDIS_IMAGE = image("redis")
+POSTGRES_IMAGE = image("postgres")
+CADDY_IMAGE = image("caddy")
 POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # the volume's mount point
 POSTGRES_SOCKET_DIR = "/var/run/postgresql"
 CHROMA_DIR = "/workspace/data/chroma"

@@ -27,10 +27,12 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    image_by_digest,
     require_success,
     stack_volume,
     volume_mount,
 )
+from components.images import POSTGRES_MAJOR, image
 from components.monitoring import TEXTFILE_DIR, Monitoring
 from components.redis_tls import RedisTls
 from components.service_files import POSTGRES_DB, POSTGRES_USER, render_pgpass
@@ -51,12 +53,23 @@ def logical_weekday_env(schedule: BackupSettings) -> dict[str, str]:
     return {}
 
 
+def backup_build_args() -> dict[str, str]:
+    """The base images (components/images.py) and PostgreSQL's major version."""
+    return {
+        "POSTGRES_IMAGE": image("postgres"),
+        "REDIS_IMAGE": image("redis-debian"),
+        "POSTGRES_MAJOR": str(POSTGRES_MAJOR),
+    }
+
+
 def backup_image_tag() -> str:
     """Content hash of what goes into the image: a change rebuilds, nothing else does."""
     digest = hashlib.sha256()
     files = [REPO / DOCKERFILE, *sorted((REPO / "rag_backup").rglob("*.py"))]
     for path in files:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    for key, value in sorted(backup_build_args().items()):
+        digest.update(f"{key}={value}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -89,6 +102,10 @@ class Backups(pulumi.ComponentResource):
                 context=str(REPO),
                 dockerfile=str(REPO / DOCKERFILE),
                 platform="linux/amd64",
+                args={
+                    key: image_by_digest(value, self) if key.endswith("_IMAGE") else value
+                    for key, value in backup_build_args().items()
+                },
             ),
             skip_push=True,
             opts=child,
@@ -166,7 +183,7 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_KEEP_WEEKLY": str(schedule.keep_weekly),
                     "RAG_BACKUP_KEEP_MONTHLY": str(schedule.keep_monthly),
                     "RAG_BACKUP_PG_PHYSICAL": "1" if schedule.pg_physical else "0",
-                    "RAG_BACKUP_PG_BIN_DIR": "/usr/lib/postgresql/15/bin",
+                    "RAG_BACKUP_PG_BIN_DIR": f"/usr/lib/postgresql/{POSTGRES_MAJOR}/bin",
                     **logical_weekday_env(schedule),
                     "TMPDIR": SCRATCH_DIR,
                     "PGHOST": n("postgres"),
