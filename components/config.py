@@ -10,7 +10,9 @@ and say what is expected.
 from __future__ import annotations
 
 import difflib
+import getpass
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -151,6 +153,26 @@ class MetricNames:
 
 
 @dataclass(frozen=True)
+class SshTarget:
+    """The Docker host as ``docker:host = ssh://user@host:port`` names it."""
+
+    user: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class HostFirewallSettings:
+    """``hostFirewall``: ``managed`` (pulumi up applies scripts/host-firewall.sh for the
+    backend bridge) or ``external`` (the host's firewall is managed elsewhere)."""
+
+    managed: bool = True
+    ssh: SshTarget | None = None  # None: the Docker engine runs on this machine
+    ssh_key_file: str = "~/.ssh/id_ed25519"
+    known_hosts_file: str = "~/.ssh/known_hosts"
+
+
+@dataclass(frozen=True)
 class StackConfig:
     stack: str
     domain: str
@@ -166,6 +188,7 @@ class StackConfig:
     adopt_volumes: Mapping[str, str] = field(default_factory=dict)
     docs_host_path: str | None = None
     mds_host_path: str | None = None
+    host_firewall: HostFirewallSettings = field(default_factory=HostFirewallSettings)
 
     @property
     def is_prod(self) -> bool:
@@ -217,6 +240,9 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "cacheHitsMetric": ("rag_cache_hits_total", False),
     "cacheMissesMetric": ("rag_cache_misses_total", False),
     "llmErrorsMetric": ("rag_llm_errors_total", False),
+    "hostFirewall": ("managed", False),
+    "hostSshKeyFile": ("~/.ssh/id_ed25519", False),
+    "hostSshKnownHostsFile": ("~/.ssh/known_hosts", False),
 }
 KNOWN_KEYS = frozenset(_KEYS)
 SECRET_KEYS = frozenset(k for k, (_, secret) in _KEYS.items() if secret)
@@ -436,6 +462,55 @@ def _host_path(c: _Collector, key: str, must_exist: bool) -> str | None:
     return value
 
 
+_SSH_HOST = re.compile(
+    r"^ssh://(?:(?P<user>[a-z_][a-z0-9_.-]{0,31})@)?(?P<host>[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?/?$"
+)
+
+
+def _parse_host_firewall(c: _Collector, docker_host: str | None) -> HostFirewallSettings:
+    mode = c.get("hostFirewall")
+    if mode not in ("managed", "external"):
+        c.fail(
+            "hostFirewall",
+            mode,
+            "managed (pulumi up applies scripts/host-firewall.sh) or external (the host's "
+            "firewall is managed elsewhere)",
+        )
+        return HostFirewallSettings(managed=False)
+    files = {}
+    for key in ("hostSshKeyFile", "hostSshKnownHostsFile"):
+        value = c.get(key) or ""
+        if not (value.startswith("/") or value.startswith("~/")):
+            c.fail(key, value, "a path on the machine running Pulumi (/... or ~/...)")
+        files[key] = value
+    settings = HostFirewallSettings(
+        managed=mode == "managed",
+        ssh_key_file=files["hostSshKeyFile"],
+        known_hosts_file=files["hostSshKnownHostsFile"],
+    )
+    if mode == "external" or docker_host is None or docker_host.startswith("unix://"):
+        return settings
+    match = _SSH_HOST.match(docker_host)
+    if not match:
+        c.problems.append(
+            f"docker:host = {docker_host!r} cannot be reached to apply the host firewall; "
+            "expected ssh://user@host[:port] (or unix://), or set "
+            f"{PROJECT}:hostFirewall external when the host's firewall is managed elsewhere"
+        )
+        return settings
+    port = int(match["port"] or 22)
+    if not 1 <= port <= 65535:
+        c.problems.append(f"docker:host = {docker_host!r} has port {port}; expected 1-65535")
+    user = match["user"] or getpass.getuser()  # what the ssh client would use
+    return HostFirewallSettings(
+        managed=True,
+        ssh=SshTarget(user=user, host=match["host"].strip("[]"), port=port),
+        ssh_key_file=settings.ssh_key_file,
+        known_hosts_file=settings.known_hosts_file,
+    )
+
+
 def _parse_adopt_volumes(c: _Collector) -> dict[str, str]:
     raw = c.get("adoptVolumes")
     if raw is None:
@@ -521,6 +596,7 @@ def parse_stack_config(
         adopt_volumes=_parse_adopt_volumes(c),
         docs_host_path=_host_path(c, "docsHostPath", must_exist=local_engine),
         mds_host_path=_host_path(c, "mdsHostPath", must_exist=local_engine),
+        host_firewall=_parse_host_firewall(c, docker_host),
     )
     if c.problems:
         raise ConfigError(c.problems)
@@ -540,5 +616,6 @@ def load_stack_config() -> StackConfig:
         if k.startswith(prefix)
         and (runtime_config.is_config_secret(k) or k in runtime_config.get_config_secret_keys_env())
     }
-    docker_host = everything.get("docker:host")
+    # The provider's own precedence: docker:host, else DOCKER_HOST (the workflows set it).
+    docker_host = everything.get("docker:host") or os.environ.get("DOCKER_HOST") or None
     return parse_stack_config(pulumi.get_stack(), raw, secret_keys, docker_host)

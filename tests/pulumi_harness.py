@@ -420,7 +420,8 @@ def run_program(
     monitor = RecordingMonitor(mocks, stack)
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(
-        {f"{PROJECT}:{k}": v for k, v in config.items()},
+        # A key with its own namespace (docker:host) is passed as it is.
+        {(k if ":" in k else f"{PROJECT}:{k}"): v for k, v in config.items()},
         [f"{PROJECT}:{k}" for k in secret_keys if k in config],
     )
     exported: dict[str, Any] = {}
