@@ -1,5 +1,5 @@
 """The host firewall step under mocks: local and remote (SSH) modes, triggers, opt-out,
-and the errors for hosts it cannot reach. tests/scripts/test_host_firewall_command.py
+and the errors for hosts it cannot reach. tests/docker/test_host_firewall_command.py
 runs the very commands on a real host (and over a real SSH session)."""
 
 from __future__ import annotations
