@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,14 +134,19 @@ def test_refresh_script_passes_shellcheck_and_fails_loudly_without_a_registry(
     shellcheck = require_tool("shellcheck")
     lint = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False)
     assert lint.returncode == 0, lint.stdout
-    # Here (no registry, no crane/buildx) it must fail and print no digest at all.
+    # Without a registry client (a PATH with only python3 and dirname: no crane, no
+    # docker) it must fail and print no digest at all, never a stale or made-up one.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "dirname").symlink_to(require_tool("dirname"))
     done = subprocess.run(
-        ["bash", str(script), "--check"],
+        [require_tool("bash"), str(script), "--check"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
     )
     assert done.returncode != 0
     assert "sha256:" not in done.stdout
