@@ -18,10 +18,9 @@ Image users (why each container runs as it does, with every capability dropped):
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pulumi
@@ -50,9 +49,11 @@ from components.containers import (
 from components.redis_tls import RedisTls
 from components.service_files import (
     API_PORT,
+    POSTGRES_APP_USER,
     POSTGRES_DB,
     POSTGRES_USER,
     REDIS_PORT,
+    PostgresPasswords,
     RedisServerPaths,
     render_caddyfile,
     render_pg_hba,
@@ -74,18 +75,12 @@ API_TLS_DIR = f"{CONFIG_DIR}/tls"
 API_SECRETS_DIR = f"{CONFIG_DIR}/secrets"
 
 
-def _now_utc() -> str:
-    return dt.datetime.now(dt.UTC).isoformat()
-
-
 @dataclass(frozen=True)
 class AppStackArgs:
     config: StackConfig
     image_ref: pulumi.Input[str]
     secrets: StackSecrets
     redis_tls: RedisTls
-    # Changes on every `pulumi up`, so the migration job runs on every deploy.
-    deploy_id: str = field(default_factory=_now_utc)
 
 
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
@@ -196,13 +191,31 @@ def postgres_spec(inputs: AppStackInputs) -> ServiceSpec:
 
 def migration_sql(secrets: StackSecrets) -> pulumi.Output[str]:
     """The migration job's SQL (role verifiers inside), a secret Output."""
-    sql = pulumi.Output.all(secrets.postgres_password, secrets.postgres_monitor_password).apply(
-        lambda pws: render_postgres_migration(pws[0], pws[1])
-    )
+    sql = pulumi.Output.all(
+        secrets.postgres_password,
+        secrets.postgres_app_password,
+        secrets.postgres_backup_password,
+        secrets.postgres_monitor_password,
+    ).apply(lambda pws: render_postgres_migration(PostgresPasswords(*pws)))
     return pulumi.Output.secret(sql)
 
 
-def migration_spec(inputs: AppStackInputs) -> ServiceSpec:
+def migration_trigger(sql: pulumi.Input[str], postgres: docker.Container) -> pulumi.Output[str]:
+    """When the migration job must run again: its SQL changed (roles, passwords, grants,
+    extensions) or the PostgreSQL container it targets was replaced (new image, new
+    volume, a restore that recreated it). Derived from the SQL, so it stays a secret."""
+
+    def digest(parts: list[str]) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
+    hashed = pulumi.Output.all(sql, POSTGRES_IMAGE, postgres.id).apply(digest)
+    return pulumi.Output.secret(hashed)
+
+
+def migration_spec(inputs: AppStackInputs, sql: pulumi.Input[str]) -> ServiceSpec:
     """One-shot psql job: pgcrypto and roles, also over adopted data."""
     return ServiceSpec(
         service="postgres-migrate",
@@ -218,7 +231,7 @@ def migration_spec(inputs: AppStackInputs) -> ServiceSpec:
         mounts=[volume_mount(inputs.volumes["postgres-socket"], POSTGRES_SOCKET_DIR)],
         memory_mb=128,
         healthcheck=["NONE"],
-        files=[ConfigFile("migrate.sql", migration_sql(inputs.secrets), secret=True)],
+        files=[ConfigFile("migrate.sql", sql, secret=True)],
         one_shot=True,
     )
 
@@ -254,9 +267,9 @@ def api_spec(inputs: AppStackInputs) -> ServiceSpec:
             "CHROMA_PERSIST_DIR": CHROMA_DIR,
             **redis_client_env(cfg, "app", API_TLS_DIR, f"{API_SECRETS_DIR}/redis_password"),
             "SESSION_REDIS_URL": redis_client_url(cfg, "app", API_TLS_DIR),
-            **libpq_env(cfg, POSTGRES_USER, pgpass_file),
+            **libpq_env(cfg, POSTGRES_APP_USER, pgpass_file),
             "PGSSLMODE": "prefer",
-            "DATABASE_URL": postgres_url(cfg, POSTGRES_USER),
+            "DATABASE_URL": postgres_url(cfg, POSTGRES_APP_USER),
             "DATA_ENCRYPTION_KEY_FILE": f"{API_SECRETS_DIR}/data_encryption_key",
         },
         files=[
@@ -266,7 +279,7 @@ def api_spec(inputs: AppStackInputs) -> ServiceSpec:
             ConfigFile("secrets/redis_password", secrets.redis_passwords["app"], secret=True),
             ConfigFile(
                 "secrets/pgpass",
-                client_pgpass(cfg, POSTGRES_USER, secrets.postgres_password),
+                client_pgpass(cfg, POSTGRES_APP_USER, secrets.postgres_app_password),
                 secret=True,
             ),
             ConfigFile("secrets/data_encryption_key", secrets.data_encryption_key, secret=True),
@@ -355,10 +368,13 @@ class AppStack(pulumi.ComponentResource):
 
         redis = declare(redis_spec(inputs))
         postgres = declare(postgres_spec(inputs))
-        # Every deploy: also after a restore or over adopted data, not only on a new
-        # volume. The SQL is idempotent. (`pulumi preview` shows this as a replace.)
+        # Created on the first deploy (pgcrypto and roles also over adopted data), then
+        # re-run only when its SQL or its server changes: previews stay quiet.
+        sql = migration_sql(args.secrets)
         migrate = declare(
-            migration_spec(inputs), depends_on=[postgres], replacement_trigger=args.deploy_id
+            migration_spec(inputs, sql),
+            depends_on=[postgres],
+            replacement_trigger=migration_trigger(sql, postgres),
         )
         migration_ok = require_success(migrate, n("postgres-migrate"))
         api = declare(

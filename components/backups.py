@@ -34,7 +34,7 @@ from components.containers import (
 )
 from components.monitoring import TEXTFILE_DIR, Monitoring
 from components.redis_tls import RedisTls
-from components.service_files import POSTGRES_USER
+from components.service_files import POSTGRES_BACKUP_USER
 from components.stack_secrets import StackSecrets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,7 +130,9 @@ class Backups(pulumi.ComponentResource):
         )
 
         tls = args.redis_tls.clients["backup"]
-        pgpass = client_pgpass(cfg, POSTGRES_USER, args.secrets.postgres_password, "*")
+        pgpass = client_pgpass(
+            cfg, POSTGRES_BACKUP_USER, args.secrets.postgres_backup_password, "*"
+        )
         secrets_dir = f"{CONFIG_DIR}/secrets"
         tls_dir = f"{CONFIG_DIR}/tls"
         self.container = hardened_container(
@@ -168,7 +170,7 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_PG_BIN_DIR": "/usr/lib/postgresql/15/bin",
                     **logical_weekday_env(schedule),
                     "TMPDIR": SCRATCH_DIR,
-                    **libpq_env(cfg, POSTGRES_USER, f"{secrets_dir}/pgpass"),
+                    **libpq_env(cfg, POSTGRES_BACKUP_USER, f"{secrets_dir}/pgpass"),
                     **redis_client_env(cfg, "backup", tls_dir, f"{secrets_dir}/redis_password"),
                     "CHROMA_DIR": CHROMA_DIR,
                 },
