@@ -234,7 +234,7 @@ def test_the_api_owns_the_apps_objects_and_keeps_working_on_adopted_data(
         # It may create its own schema objects (fresh cluster and adopted alike).
         conn.execute("CREATE TABLE IF NOT EXISTS api_made (id serial PRIMARY KEY, t text)")
         conn.execute("INSERT INTO api_made (t) VALUES ('x')")
-        owners = dict(
+        owners: dict[str, str] = dict(
             conn.execute(
                 "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'"

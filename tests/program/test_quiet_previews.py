@@ -51,7 +51,7 @@ def test_a_second_run_with_nothing_changed_declares_the_same(stack: str) -> None
 
 def _migrate_trigger(run: ProgramRun) -> tuple[Any, bool]:
     key = (MIGRATE[0], MIGRATE[1].format(stack=run.stack))
-    return run.replacement_triggers[key]  # type: ignore[no-any-return]
+    return run.replacement_triggers[key]
 
 
 def test_migration_trigger_is_a_secret_derived_from_the_sql_and_server() -> None:
