@@ -380,3 +380,41 @@ def test_backend_bridges_have_fixed_distinct_interface_names(runs: dict[str, Pro
     )
     bridge = long_stack.networks["rag-ephemeral-a-very-long-name-1-backend"].inputs["options"]
     assert len(bridge["com.docker.network.bridge.name"]) <= 15
+
+
+def test_each_client_gets_its_own_database_role_and_redis_user(
+    runs: dict[str, ProgramRun],
+) -> None:
+    for stack, run in runs.items():
+        envs = {
+            service: dict(
+                e.split("=", 1) for e in run.containers[f"rag-{stack}-{service}"].inputs["envs"]
+            )
+            for service in ("api", "backup", "postgres-exporter", "postgres")
+        }
+        roles = {
+            "api": envs["api"]["PGUSER"],
+            "backup": envs["backup"]["PGUSER"],
+            "exporter": envs["postgres-exporter"]["DATA_SOURCE_USER"],
+        }
+        superuser = envs["postgres"]["POSTGRES_USER"]
+        assert len(set(roles.values())) == 3 and superuser not in roles.values(), roles
+        assert envs["api"]["DATABASE_URL"].startswith(f"postgresql://{roles['api']}@")
+        assert envs["backup"]["REDIS_URL"].startswith(f"rediss://backup@rag-{stack}-redis:")
+        assert envs["api"]["REDIS_URL"].startswith(f"rediss://app@rag-{stack}-redis:")
+
+
+def test_service_ports_are_written_only_where_clients_are_built() -> None:
+    """5432/6379 live in components/service_files.py; clients build addresses through
+    components/clients.py, so no other component spells them."""
+    from pathlib import Path
+
+    components = Path(__file__).resolve().parents[2] / "components"
+    spelled = [
+        f"{path.name}:{number}"
+        for path in sorted(components.glob("*.py"))
+        if path.name not in ("service_files.py", "clients.py")
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.search(r"\b(5432|6379)\b", line)
+    ]
+    assert spelled == []
