@@ -416,3 +416,17 @@ def test_the_backup_role_dumps_and_takes_a_base_backup_through_the_programs_pg_h
     refused = _base_backup(postgres, declared_client(run, "api", postgres), tmp_path / "api")
     assert refused.returncode != 0
     assert "replication" in refused.stderr, refused.stderr
+
+
+def test_declared_healthcheck_passes_over_tcp_although_its_user_is_rejected(
+    postgres: PostgresUnderTest,
+    migration_runs: list[subprocess.CompletedProcess[str]],
+    runs: dict[str, ProgramRun],
+) -> None:
+    """pg_isready does not log in: the superuser's `reject` line in pg_hba.conf must not
+    turn the container unhealthy."""
+    tests = container_inputs(runs[postgres.stack], "postgres")["healthcheck"]["tests"]
+    assert tests[:2] == ["CMD", "pg_isready"] and "127.0.0.1" in tests, tests
+    argv = [require_tool("pg_isready"), *tests[2:], "-p", str(postgres.port)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
