@@ -75,15 +75,14 @@ def redis_acl_password_hash(password: str) -> str:
 
 # What each ACL user may do, and nothing more (tests/encryption/test_redis_acl.py proves
 # each against a real server): the app everything but @admin/@dangerous; the exporter
-# what redis_exporter runs (read-only server state); the backup user what
+# what redis_exporter runs (server state, no keys: its ACL LOG stays empty); the backup user what
 # `redis-cli --rdb` (REPLCONF rdb-only, SYNC) and the job's INFO/PING need, no keys.
 # Restores never touch the live server (they swap files), so nobody needs CONFIG SET.
 REDIS_ACL_RULES: Mapping[str, str] = {
     "app": "~* &* +@all -@admin -@dangerous",
     "exporter": (
-        "resetkeys resetchannels ~* -@all +@connection +info +ping +config|get +client|list "
-        "+slowlog|get +slowlog|len +latency|latest +memory|stats +dbsize +scan +type "
-        "+strlen +llen +scard +zcard +hlen +xlen +pfcount +cluster|info +select"
+        "resetkeys resetchannels -@all +hello +client|setname +client|list +info +ping "
+        "+config|get +slowlog|get +slowlog|len +latency|latest +select"
     ),
     "backup": "resetkeys resetchannels -@all +ping +info +replconf +sync +psync",
 }

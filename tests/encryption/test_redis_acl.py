@@ -39,6 +39,15 @@ from tests.tooling import require_tool
 pytestmark = pytest.mark.integration
 
 OBSERVER = "acl-observer"
+# Commands that wipe, reconfigure, stop or stall the server: no declared user may run one.
+ADMIN_COMMANDS = (
+    ("FLUSHALL",),
+    ("CONFIG", "SET", "appendonly", "no"),
+    ("SHUTDOWN",),
+    ("CLIENT", "PAUSE", "60000"),
+    ("CLIENT", "KILL", "ID", "999999"),
+    ("ACL", "SETUSER", "intruder", "on", ">pw", "+@all"),
+)
 OBSERVER_PASSWORD = "observer-password-for-tests-only"
 # Client certificate each ACL user's client presents (pulumi-tls client names).
 TLS_CLIENT = {"app": "api", "exporter": "redis-exporter", "backup": "backup"}
@@ -130,7 +139,7 @@ def test_flushall_and_config_set_are_refused_for_every_declared_user(
             client = connect(server, tls_files(run, "api", tmp_path / "tls-default"), None, None)
         else:
             client = user_client(run, server, user, tmp_path)
-        for command in (("FLUSHALL",), ("CONFIG", "SET", "appendonly", "no"), ("SHUTDOWN",)):
+        for command in ADMIN_COMMANDS:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 client.execute_command(*command)
         client.close()
