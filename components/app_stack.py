@@ -14,6 +14,12 @@ Image users (why each container runs as it does, with every capability dropped):
 - Redis runs as ``redis`` from the start for the same reason (no gosu).
 - Caddy runs as the image's root with only NET_BIND_SERVICE (binds 80/443 inside).
 - The api runs as ``apiUser`` (default 1000:1000), the app image's unprivileged user.
+
+Shape: each service is a pure spec builder (``redis_spec``, ``postgres_spec``,
+``migration_spec``, ``api_spec``, ``caddy_spec``) that returns its ``ServiceSpec`` from
+``AppStackInputs``; ``AppStack`` only creates the shared networks and volumes and declares
+each spec hardened. A new service is a new builder and one ``declare`` line. Clients build
+their PostgreSQL/Redis settings with ``components.clients``.
 """
 
 from __future__ import annotations
