@@ -19,6 +19,7 @@ import pulumi
 import pulumi_docker as docker
 
 from components.app_stack import CHROMA_DIR, AppStack
+from components.clients import client_pgpass, libpq_env, redis_client_env
 from components.config import BackupSettings, StackConfig
 from components.containers import (
     CONFIG_DIR,
@@ -35,7 +36,7 @@ from components.containers import (
 from components.images import POSTGRES_MAJOR, image
 from components.monitoring import TEXTFILE_DIR, Monitoring
 from components.redis_tls import RedisTls
-from components.service_files import POSTGRES_DB, POSTGRES_USER, render_pgpass
+from components.service_files import POSTGRES_BACKUP_USER
 from components.stack_secrets import StackSecrets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,8 +147,8 @@ class Backups(pulumi.ComponentResource):
         )
 
         tls = args.redis_tls.clients["backup"]
-        pgpass = args.secrets.postgres_password.apply(
-            lambda pw: render_pgpass(n("postgres"), POSTGRES_USER, pw, "*")
+        pgpass = client_pgpass(
+            cfg, POSTGRES_BACKUP_USER, args.secrets.postgres_backup_password, "*"
         )
         secrets_dir = f"{CONFIG_DIR}/secrets"
         tls_dir = f"{CONFIG_DIR}/tls"
@@ -186,23 +187,15 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_PG_BIN_DIR": f"/usr/lib/postgresql/{POSTGRES_MAJOR}/bin",
                     **logical_weekday_env(schedule),
                     "TMPDIR": SCRATCH_DIR,
-                    "PGHOST": n("postgres"),
-                    "PGPORT": "5432",
-                    "PGUSER": POSTGRES_USER,
-                    "PGDATABASE": POSTGRES_DB,
-                    "PGPASSFILE": f"{secrets_dir}/pgpass",
-                    "REDIS_URL": f"rediss://backup@{n('redis')}:6379/0",
-                    "REDIS_PASSWORD_FILE": f"{secrets_dir}/redis_password",
-                    "REDIS_TLS_CA_FILE": f"{tls_dir}/ca.crt",
-                    "REDIS_TLS_CERT_FILE": f"{tls_dir}/client.crt",
-                    "REDIS_TLS_KEY_FILE": f"{tls_dir}/client.key",
+                    **libpq_env(cfg, POSTGRES_BACKUP_USER, f"{secrets_dir}/pgpass"),
+                    **redis_client_env(cfg, "backup", tls_dir, f"{secrets_dir}/redis_password"),
                     "CHROMA_DIR": CHROMA_DIR,
                 },
                 files=[
                     ConfigFile(
                         "secrets/backup_passphrase", args.secrets.backup_passphrase, secret=True
                     ),
-                    ConfigFile("secrets/pgpass", pulumi.Output.secret(pgpass), secret=True),
+                    ConfigFile("secrets/pgpass", pgpass, secret=True),
                     ConfigFile(
                         "secrets/redis_password",
                         args.secrets.redis_passwords["backup"],

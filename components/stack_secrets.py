@@ -24,7 +24,9 @@ class StackSecretsArgs:
 
 
 class StackSecrets(pulumi.ComponentResource):
-    postgres_password: pulumi.Output[str]
+    postgres_password: pulumi.Output[str]  # the bootstrap superuser's (migration only)
+    postgres_app_password: pulumi.Output[str]
+    postgres_backup_password: pulumi.Output[str]
     postgres_monitor_password: pulumi.Output[str]
     redis_passwords: dict[str, pulumi.Output[str]]
     data_encryption_key: pulumi.Output[str]
@@ -48,6 +50,8 @@ class StackSecrets(pulumi.ComponentResource):
             return pulumi.Output.secret(generated.result)
 
         self.postgres_password = password("postgres-password", 32)
+        self.postgres_app_password = password("postgres-app-password", 32)
+        self.postgres_backup_password = password("postgres-backup-password", 32)
         self.postgres_monitor_password = password("postgres-monitor-password", 32)
         self.redis_passwords = {
             user: password(f"redis-{user}-password", 32) for user in REDIS_USERS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import json
 import runpy
 import secrets
 import string
@@ -209,9 +210,21 @@ class TlsMaterial:
         return {**inputs, "certPem": pem, "readyForRenewal": False}
 
 
+def _state_key(typ: str, name: str, inputs: Mapping[str, Any]) -> str:
+    return json.dumps([typ, name, inputs], sort_keys=True, default=str)
+
+
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, stack: str, exit_codes: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        stack: str,
+        exit_codes: Mapping[str, int] | None = None,
+        provider_state: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.stack = stack
+        # Like a provider's state between two runs: a resource declared again with the
+        # same type, name and inputs gets the outputs it got before (its passwords, keys).
+        self.provider_state = provider_state
         # container name -> exit code the "engine" reports for that one-shot container
         self.exit_codes = dict(exit_codes or {})
         self.resources: list[Recorded] = []
@@ -221,7 +234,14 @@ class RecordingMocks(pulumi.runtime.Mocks):
         inputs = reveal(args.inputs)
         state: dict[str, Any] = dict(inputs)
         typ = args.typ
-        if typ == "tls:index/privateKey:PrivateKey":
+        key = _state_key(typ, args.name, inputs)
+        if self.provider_state is not None and key in self.provider_state:
+            state = self.provider_state[key]
+            if typ == "random:index/randomPassword:RandomPassword":
+                self.generated_secrets.append(state["result"])
+            elif typ == "tls:index/privateKey:PrivateKey":
+                self.generated_secrets.append(state["privateKeyPem"])
+        elif typ == "tls:index/privateKey:PrivateKey":
             state = TlsMaterial.private_key(inputs)
             self.generated_secrets.append(state["privateKeyPem"])
         elif typ == "tls:index/selfSignedCert:SelfSignedCert":
@@ -242,8 +262,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif typ == "docker:index/image:Image":
             digest = "sha256:" + hashlib.sha256(inputs["imageName"].encode()).hexdigest()
             state["repoDigest"] = inputs["imageName"].split(":")[0] + "@" + digest
+        if self.provider_state is not None:
+            self.provider_state[key] = state
         self.resources.append(Recorded(typ, args.name, args.inputs, state))
-        return f"{args.name}-id", state
+        # A changed input gives a new id, as a replaced container gets from the engine.
+        return f"{args.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}", state
 
     def call(
         self, args: pulumi.runtime.MockCallArgs
@@ -366,6 +389,8 @@ class ProgramRun:
     config: dict[str, str] = field(default_factory=dict)
     # (type, logical name) -> the ResourceOptions the program passed (mocks never see them)
     options: dict[tuple[str, str], pulumi.ResourceOptions] = field(default_factory=dict)
+    # (type, logical name) -> the resolved replacement_trigger option, where one is set
+    replacement_triggers: dict[tuple[str, str], Any] = field(default_factory=dict)
     # Every resource (components too) as the engine would register it.
     registrations: list[Registration] = field(default_factory=list)
 
@@ -412,11 +437,15 @@ def run_program(
     config: Mapping[str, str] | None = None,
     secret_keys: set[str] | None = None,
     exit_codes: Mapping[str, int] | None = None,
+    provider_state: dict[str, dict[str, Any]] | None = None,
 ) -> ProgramRun:
-    """Run __main__.py for ``stack`` under mocks; return what it declared and exported."""
+    """Run __main__.py for ``stack`` under mocks; return what it declared and exported.
+
+    Pass the same ``provider_state`` dict to two runs to model a second ``pulumi
+    preview`` against the state the first left (generated values are kept)."""
     config = dict(stack_config(stack) if config is None else config)
     secret_keys = SECRET_KEYS if secret_keys is None else secret_keys
-    mocks = RecordingMocks(stack, exit_codes)
+    mocks = RecordingMocks(stack, exit_codes, provider_state)
     monitor = RecordingMonitor(mocks, stack)
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(
@@ -431,6 +460,7 @@ def run_program(
         exported[name] = value
 
     options: dict[tuple[str, str], pulumi.ResourceOptions] = {}
+    triggers: dict[tuple[str, str], Any] = {}
     custom_init = pulumi.CustomResource.__init__
 
     def recording_init(
@@ -454,6 +484,10 @@ def run_program(
             for key, value in exported.items():
                 out = pulumi.Output.from_input(value)
                 exports[key] = (await out.future(), bool(await out.is_secret()))
+            for resource, opts in options.items():
+                if opts.replacement_trigger is not None:
+                    trigger = pulumi.Output.from_input(opts.replacement_trigger)
+                    triggers[resource] = (await trigger.future(), await trigger.is_secret())
 
         return pulumi.Output.from_input(resolve())
 
@@ -465,6 +499,7 @@ def run_program(
         mocks.generated_secrets,
         config,
         options,
+        triggers,
         monitor.registrations,
     )
 
