@@ -106,6 +106,13 @@ IMAGES: Mapping[str, PinnedImage] = MappingProxyType(
             "sha256:ef9e3c9afa9072b8a4db8bc2b01471cd582a6a1db23760bc5fdb9e3c21842205",
             _PUBLIC_PINS.format(n="1"),
         ),
+        # For the monitoring branch's probes (its MONITORING_IMAGES takes it from here).
+        "blackbox-exporter": PinnedImage(
+            "prom/blackbox-exporter",
+            "v0.25.0",
+            "sha256:b04a9fef4fa086a02fc7fcd8dcdbc4b7b35cc30cdee860fdc6a19dd8b208d63e",
+            _PUBLIC_PINS.format(n="3"),
+        ),
         "postgres-exporter": PinnedImage(
             "prometheuscommunity/postgres-exporter",
             "v0.16.0",
