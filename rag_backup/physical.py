@@ -24,6 +24,9 @@ from rag_backup.progress import log
 from rag_backup.streams import CHUNK
 
 KIND = "pg_basebackup_tar"
+# Files that make a server start archive recovery or standby mode (and run restore_command):
+# a base backup needs neither (its WAL is in the archive); an attacker could have written one.
+SIGNAL_FILES = ("recovery.signal", "standby.signal")
 # Files every base backup of a cluster holds; verify checks they are in the archive.
 REQUIRED_MEMBERS = ("PG_VERSION", "global/pg_control", "backup_label", "backup_manifest")
 
@@ -113,6 +116,10 @@ def extract_with_tar(stream: IO[bytes], target: Path, run_as: Mapping[str, Any])
     missing = [name for name in REQUIRED_MEMBERS if not (target / name).is_file()]
     if missing:
         raise BackupError(f"physical backup archive lacks {', '.join(missing)}")
+    for name in SIGNAL_FILES:
+        if (target / name).exists():
+            log(f"physical backup: removing {name} found in the backup (never honoured)")
+            (target / name).unlink()
     for dirpath, dirnames, filenames in os.walk(target):
         for name in dirnames + filenames:
             if os.path.islink(os.path.join(dirpath, name)):
