@@ -113,7 +113,11 @@ class LocalPostgres:
         data_dir: Path | None = None,
         user: str = "postgres",
         durable: bool = False,
+        recovery: tuple[str, ...] = (),
     ) -> None:
+        """``recovery``: our own settings for a point-in-time recovery of the staged copy
+        (restore_command from our decrypted WAL, the target), applied after the neutralised
+        ones (on the command line the last value wins)."""
         self.bin_dir = bin_dir
         self.root = Path(tempfile.mkdtemp(prefix="rag-drill-pg-", dir=work_dir))
         self.proc: Proc | None = None
@@ -163,6 +167,7 @@ class LocalPostgres:
                     f"hba_file={self.root / 'pg_hba.conf'}",
                     f"ident_file={self.root / 'pg_ident.conf'}",
                     *NEUTRALISED_SETTINGS,
+                    *recovery,
                 ]
             settings = [
                 "listen_addresses=",

@@ -261,6 +261,45 @@ def check_cluster(
     return counts
 
 
+def check_pitr_cluster(
+    data_dir: Path,
+    bin_dir: Path,
+    component: Mapping[str, Any],
+    work_dir: Path,
+    jobs: int,
+    recovery: tuple[str, ...],
+    timeout_s: float = 3600,
+) -> dict[str, int]:
+    """Start a private postgres on the extracted copy in archive recovery (``recovery``:
+    restore_command and target), wait until it has reached the target and promoted, count
+    the rows (they are the target time's, not the backup's), shut it down cleanly."""
+    (data_dir / "recovery.signal").touch()
+    server = LocalPostgres(
+        bin_dir,
+        work_dir,
+        jobs,
+        data_dir=data_dir,
+        user=str(component["physical"]["user"]),
+        durable=True,
+        recovery=recovery,
+    )
+    try:
+        database = str(component["database"])
+        deadline = time.monotonic() + timeout_s
+        while pg.psql_value(server.settings, "SELECT pg_is_in_recovery()", "postgres") != "f":
+            if time.monotonic() > deadline:
+                raise BackupError("postgres (PITR): recovery did not finish in time")
+            time.sleep(0.2)
+        settings = pg.PostgresSettings(database, server.settings.libpq_env, jobs, None)
+        counts = pg.row_counts(settings, database)
+        server.stop_checked()
+    finally:
+        server.stop()
+    if (data_dir / "recovery.signal").exists():
+        raise BackupError("postgres (PITR): the server did not leave recovery")
+    return counts
+
+
 def swap_in(target: PhysicalTarget, staged: Path, backup_id: str) -> str:
     """Rename live -> <data>.pre-restore-<id>, staged -> live (the server must be stopped)."""
     data = target.data_dir

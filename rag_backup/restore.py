@@ -30,6 +30,7 @@ from rag_backup.stores import (
     StoreRestore,
     SwapRollbackFailed,
     drills_for,
+    pitr_base_backup,
 )
 
 __all__ = ["DrillConfig", "RedisTarget", "RestoreConfig", "run_drill", "run_restore"]
@@ -122,10 +123,18 @@ def run_restore(cfg: RestoreConfig, progress: Progress) -> list[str]:
     """All or nothing across stores. Returns the lines describing what was kept for rollback;
     on a failure after the first swap, every completed swap is undone and the error says
     what state every store is in."""
-    entry = cfg.store.get(cfg.backup_id)
+    if cfg.pitr and cfg.backup_id in (None, "latest"):
+        entry = pitr_base_backup(cfg.store, cfg.pg_target_time)
+    else:
+        entry = cfg.store.get(cfg.backup_id)
     check_encryption_matches(entry, cfg.cipher)
     cfg.cipher.validate(need_encrypt=False, need_decrypt=True)
     components = select_components(entry, cfg.components)
+    if cfg.pitr and (cfg.pg_mode != "physical" or "postgres" not in components):
+        raise BackupError(
+            "--target-time / --target is a point-in-time recovery of PostgreSQL: it needs "
+            "--pg-mode physical and the postgres component"
+        )
     stores = [RESTORE_STORES[name](cfg, entry) for name in components]
     started = time.monotonic()
     timings: dict[str, float] = {}

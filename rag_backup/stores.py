@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rag_backup import chroma, pg, physical, redis_ops
+from rag_backup import chroma, pg, physical, redis_ops, wal
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_of
@@ -68,6 +68,13 @@ class RestoreConfig:
     assume_yes: bool
     pg_mode: str = "logical"  # or "physical": the base backup into a stopped cluster's dir
     pg_physical: physical.PhysicalTarget | None = None  # required for pg_mode physical
+    # Point-in-time recovery (physical only): a Unix time, or latest = all archived WAL.
+    pg_target_time: float | None = None
+    pg_target_latest: bool = False
+
+    @property
+    def pitr(self) -> bool:
+        return self.pg_target_time is not None or self.pg_target_latest
 
 
 @dataclass(frozen=True)
@@ -508,6 +515,8 @@ class PostgresPhysicalRestore(StoreRestore):
     def check(self) -> None:
         target = self.target
         artifact(self.entry, self.name, self.kind)
+        if self.cfg.pitr:
+            self._check_pitr_range()
         physical.check_target(target, self.entry.backup_id, self.component)
         require_writable(target.data_dir.parent, "--pg-data-dir / RAG_BACKUP_PG_DATA_DIR (parent)")
         require_free_space(target.data_dir.parent, self.ciphertext_size(), "postgres (physical)")
@@ -524,8 +533,11 @@ class PostgresPhysicalRestore(StoreRestore):
         item = artifact(self.entry, self.name, self.kind)
         with checked_plaintext(cipher, self.entry, item, self.name) as stream:
             physical.extract_with_tar(stream, data, run_as_owner_of(data))
-        log("postgres: starting a private server on the copy to replay its WAL and count rows")
         jobs = self.cfg.postgres.jobs if self.cfg.postgres else 2
+        if self.cfg.pitr:
+            self._recover_to_target(cipher, data, progress, jobs)
+            return
+        log("postgres: starting a private server on the copy to replay its WAL and count rows")
         counts = physical.check_cluster(
             data,
             target.bin_dir,
@@ -536,6 +548,54 @@ class PostgresPhysicalRestore(StoreRestore):
             where="postgres (physical)",
         )
         log(f"postgres: physical copy consistent, {len(counts)} tables, row counts match")
+
+    def _check_pitr_range(self) -> None:
+        _, covered = wal.archived_range(self.cfg.store)
+        if covered is None:
+            raise BackupError(
+                f"--target-time / --target: no WAL archive in {wal.wal_dir(self.cfg.store)} "
+                "(run rag-backup wal-archive); nothing was changed"
+            )
+        start = backup_end_time(self.entry)
+        wanted = self.cfg.pg_target_time
+        if wanted is not None and not start <= wanted <= covered:
+            raise BackupError(
+                f"--target-time {wal.describe_time(wanted)} is outside what is archived: "
+                f"{wal.describe_time(start)} (end of base backup {self.entry.backup_id}) .. "
+                f"{wal.describe_time(covered)} (archived WAL); nothing was changed"
+            )
+
+    def _recover_to_target(self, cipher: Cipher, data: Path, progress: Progress, jobs: int) -> None:
+        segments = Path(tempfile.mkdtemp(prefix="rag-restore-wal-"))
+        try:
+            if os.geteuid() == 0:
+                owner = data.stat()
+                os.chown(segments, owner.st_uid, owner.st_gid)
+            count = wal.stage_segments(
+                self.cfg.store, cipher, wal.backup_start_segment(data), segments, progress
+            )
+            if os.geteuid() == 0:
+                for item in segments.iterdir():
+                    os.chown(item, data.stat().st_uid, data.stat().st_gid)
+            recovery = [f"restore_command=cp {segments}/%f %p", "recovery_target_action=promote"]
+            if self.cfg.pg_target_time is not None:
+                when = wal.describe_time(self.cfg.pg_target_time)
+                recovery.append(f"recovery_target_time={when}")
+                goal = f"to {when}"
+            else:
+                goal = "to the end of the archived WAL"
+            log(f"postgres: recovering {goal} with {count} archived WAL segment(s)")
+            counts = physical.check_pitr_cluster(
+                data,
+                self.target.bin_dir,
+                self.component,
+                Path(tempfile.gettempdir()),
+                jobs,
+                tuple(recovery),
+            )
+            log(f"postgres: recovered {goal}: {len(counts)} tables, {sum(counts.values())} rows")
+        finally:
+            shutil.rmtree(segments, ignore_errors=True)
 
     def swap(self) -> str:
         assert self.staged is not None
@@ -821,6 +881,27 @@ class ChromaRestore(StoreRestore):
         if self.created_dir:
             with contextlib.suppress(OSError):
                 self.target.rmdir()  # only if still empty: nothing was swapped in
+
+
+def backup_end_time(entry: BackupEntry) -> float:
+    """When the base backup was consistent (start + the postgres component's duration)."""
+    duration = entry.manifest["components"]["postgres"].get("duration_seconds", 0)
+    return entry.created_unix + (float(duration) if isinstance(duration, int | float) else 0)
+
+
+def pitr_base_backup(store: BackupStore, target_time: float | None) -> BackupEntry:
+    """The newest base backup that ended before ``target_time`` (None: the newest)."""
+    candidates = [
+        e
+        for e in store.entries()
+        if not e.future
+        and "physical" in e.pg_forms
+        and (target_time is None or backup_end_time(e) <= target_time)
+    ]
+    if not candidates:
+        when = "" if target_time is None else f" that ended before {wal.describe_time(target_time)}"
+        raise BackupError(f"--target-time / --target: no base backup{when} in {store.root}")
+    return candidates[-1]
 
 
 def make_postgres(cfg: RestoreConfig, entry: BackupEntry) -> StoreRestore:
