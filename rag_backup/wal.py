@@ -34,6 +34,7 @@ from typing import Any
 from rag_backup import metrics, pg
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
+from rag_backup.manifest import ARTIFACT_NAME
 from rag_backup.procs import run
 from rag_backup.progress import Progress, log
 from rag_backup.store import BackupStore, write_json_atomic
@@ -214,6 +215,31 @@ def _write_metrics(cfg: WalArchiveConfig, success: bool) -> None:
         metrics.write_atomic(path, "\n".join(lines) + "\n")
     except OSError as error:
         log(f"warning: cannot write metrics to {cfg.metrics_dir}: {error.strerror}")
+
+
+def prune_segments(store: BackupStore, oldest_base_backup_start: float, dry_run: bool) -> list[str]:
+    """Delete archived segments no kept base backup can use: those archived before the
+    oldest kept base backup started (all their WAL precedes it). Returns their names."""
+    target = wal_dir(store)
+    if not (target / INDEX).exists():
+        return []
+    with _archive_lock(target):
+        index = read_index(store)
+        doomed = [
+            name
+            for name, record in sorted(index["segments"].items())
+            if float(record.get("archived_at", 0)) < oldest_base_backup_start
+        ]
+        if dry_run or not doomed:
+            return doomed
+        files = [str(index["segments"].pop(name).get("file", "")) for name in doomed]
+        # The index first: a crash between the two leaves a stray file, never a listed
+        # segment that is gone.
+        write_json_atomic(target / INDEX, index)
+        for file in files:
+            if ARTIFACT_NAME.fullmatch(file):
+                (target / file).unlink(missing_ok=True)
+        return doomed
 
 
 # --------------------------------------------------------------------------- PITR

@@ -86,3 +86,17 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     stack.pg.start_again()
     rows = stack.pg.psql("SELECT name FROM markers ORDER BY name", database=DATABASE)
     assert rows.split() == ["after", "before"]
+
+    # Retention: once the older base backup is pruned, the WAL archived before the newer one
+    # started serves no restore and goes too; the newer backup's own WAL would stay.
+    newer = run_cli(["backup", "--pg-physical", "--components", "postgres"], stack.env)
+    assert newer.returncode == 0, newer.stderr
+    before = set(index["segments"])
+    pruned = run_cli(
+        ["prune", "--keep-daily", "1", "--keep-weekly", "0", "--keep-monthly", "0"], stack.env
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    assert "archived segment(s) older than the oldest base backup" in pruned.stderr
+    after = json.loads((wal / "index.json").read_text())["segments"]
+    assert set(after) < before
+    assert not [p for p in wal.glob("*.zst.gpg") if p.name[:24] not in after]
