@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from rag_backup import __version__, ops, redis_ops
+from rag_backup import __version__, offsite, ops, redis_ops
 from rag_backup.crypto import CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import find_server_bin_dir
@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("RAG_BACKUP_KEEP_MONTHLY", "6")),
     )
     prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    offsite.add_offsite_parser(sub, _add_common, _add_metrics, _positive_int)
     return parser
 
 
@@ -551,6 +552,7 @@ COMMANDS = {
     "restore": _cmd_restore,
     "drill": _cmd_drill,
     "prune": _cmd_prune,
+    "offsite": offsite.cmd_offsite,
 }
 
 
