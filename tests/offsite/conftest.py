@@ -160,7 +160,7 @@ def s3_target(tmp_path: Path) -> Iterator[Target]:
                 ssh_key_path="",
                 known_hosts_path="",
                 s3_access_key_id="AKIAOFFSITETEST",
-                s3_secret_access_key="offsite-test-secret-key",  # noqa: S106 - moto's
+                s3_secret_access_key="offsite-test-secret-key",
             )
         )
         rclone_config.chmod(0o600)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rag_backup.offsite import LAST_RUN_SUCCESS, LAST_SUCCESS, MARKER, METRICS_FILE
 from rag_backup.metrics import read_samples
+from rag_backup.offsite import LAST_RUN_SUCCESS, LAST_SUCCESS, MARKER, METRICS_FILE
 from tests.backup.conftest import Stack, make_stack
 from tests.backup.helpers import (
     DATABASE,
