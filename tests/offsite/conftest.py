@@ -25,6 +25,12 @@ from tests.tooling import require_tool, tools_required
 STACK = "staging"
 
 
+def rclone_env() -> dict[str, str]:
+    """As rag-backup runs rclone: no AWS_*/RCLONE_* from the environment (an AWS_CA_BUNDLE,
+    as some machines set, makes rclone's S3 backend refuse to start)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+
+
 @dataclass
 class Target:
     """An off-host target as rag-backup sees it, and where its files really are."""
@@ -165,12 +171,15 @@ def s3_target(tmp_path: Path) -> Iterator[Target]:
         )
         rclone_config.chmod(0o600)
         # The bucket exists beforehand, as at a provider (least-privilege keys cannot create it).
-        subprocess.run(
-            ["rclone", "--config", str(rclone_config), "mkdir", "offsite:rag-offsite"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        import boto3  # type: ignore[import-untyped]  # comes with moto
+
+        boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="AKIAOFFSITETEST",
+            aws_secret_access_key="offsite-test-secret-key",
+        ).create_bucket(Bucket="rag-offsite")
         yield Target("s3", rclone_config, rclone_remote(STACK, settings), None)
     finally:
         proc.terminate()

@@ -26,7 +26,7 @@ from tests.backup.helpers import (
     run_cli,
     tree_snapshot,
 )
-from tests.offsite.conftest import Target
+from tests.offsite.conftest import Target, rclone_env
 
 pytestmark = pytest.mark.integration
 
@@ -98,6 +98,7 @@ def test_the_sftp_target_offers_no_remote_sha256(stack: Stack, sftp_target: Targ
             "sha256",
             f"{sftp_target.remote}/{backup_id}/{name}",
         ],
+        env=rclone_env(),
         capture_output=True,
         text=True,
         timeout=60,
