@@ -171,7 +171,7 @@ def s3_target(tmp_path: Path) -> Iterator[Target]:
         )
         rclone_config.chmod(0o600)
         # The bucket exists beforehand, as at a provider (least-privilege keys cannot create it).
-        import boto3  # type: ignore[import-untyped]  # comes with moto
+        import boto3  # comes with moto
 
         boto3.client(
             "s3",
