@@ -8,6 +8,8 @@ so nothing can add a line to the INI file.
 
 from __future__ import annotations
 
+import hashlib
+
 from components.config import OffsiteSettings
 
 REMOTE_NAME = "offsite"
@@ -15,6 +17,15 @@ REMOTE_NAME = "offsite"
 RCLONE_CONFIG_FILE = "secrets/offsite_rclone.conf"
 SSH_KEY_FILE = "secrets/offsite_ssh_key"
 KNOWN_HOSTS_FILE = "offsite_known_hosts"
+
+
+def offsite_bridge_name(stack: str) -> str:
+    """Host interface of the egress network (rag-prod-eg): a host firewall can narrow it
+    to the target's address (docs/disaster_recovery.md). Hashed to fit 15 characters."""
+    name = f"rag-{stack}-eg"
+    if len(name) <= 15:
+        return name
+    return f"rag-{hashlib.sha256(stack.encode()).hexdigest()[:8]}-eg"
 
 
 def rclone_remote(stack: str, target: OffsiteSettings) -> str:
