@@ -454,9 +454,6 @@ def _parse_offsite(c: _Collector) -> OffsiteSettings | None:
     no off-host copy. Each stack's copies go under <path>/<stack>."""
     raw = c.get("offsiteTarget")
     if raw is None:
-        for key in ("offsiteSshKey", "offsiteS3AccessKeyId", "offsiteS3SecretAccessKey"):
-            if c.raw.get(key):
-                c.fail(key, "", "offsiteTarget to be set too (it is unused without a target)")
         return None
     path_ok = "no '..' segment"
     sftp, s3 = _OFFSITE_SFTP.match(raw), _OFFSITE_S3.match(raw)
