@@ -509,9 +509,15 @@ def push(
 # --------------------------------------------------------------------------- prune
 
 
-def prune_remote(target: Target, policy: ops.RetentionPolicy, dry_run: bool) -> list[str]:
-    """Apply the local retention policy to the remote copies. Nothing is deleted unless
-    a kept remote copy is verified; incomplete or unreadable folders are left alone."""
+def prune_remote(
+    target: Target, policy: ops.RetentionPolicy, dry_run: bool, now: float | None = None
+) -> list[str]:
+    """Apply the local retention policy to the remote copies, and keep every copy of the
+    last ``policy.daily`` days besides: a rebuilt host's first backup (of a still empty
+    stack) must not push the old host's last backup of the same day out of its daily
+    slot. Nothing is deleted unless a kept remote copy is verified; incomplete or
+    unreadable folders are left alone."""
+    now = time.time() if now is None else now
     rclone = Rclone(target)
     try:
         remote = remote_backups(rclone)
@@ -520,6 +526,10 @@ def prune_remote(target: Target, policy: ops.RetentionPolicy, dry_run: bool) -> 
                 log(f"offsite: leaving {r.backup_id} alone ({r.problem})")
         complete = [r for r in remote if r.manifest is not None]
         kept = ops.select_kept([r.as_entry() for r in complete], policy)
+        recent = now - policy.daily * 86400
+        for r in complete:
+            if r.as_entry().created_unix >= recent:
+                kept.setdefault(r.backup_id, []).append(f"within the last {policy.daily} days")
         if not any(r.verified_ok for r in complete if r.backup_id in kept):
             if len(kept) < len(complete):
                 log("offsite: no kept remote copy is verified; deleting nothing")

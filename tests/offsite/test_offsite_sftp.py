@@ -249,3 +249,23 @@ def test_pull_refuses_a_remote_copy_that_does_not_match_its_manifest(
     assert f"{name} does not match the manifest" in pulled.stderr
     assert not (landing / backup_id).exists()
     assert not list(landing.glob(".tmp-*"))
+
+
+def test_a_rebuilt_hosts_first_backup_does_not_push_out_the_last_good_copy(
+    stack: Stack, sftp_target: Target
+) -> None:
+    """The old host's last backup and, the same day, the new host's first backup of its
+    still empty stack: the daily slot alone would keep only the newer, empty one."""
+    last_good = _backup(stack)
+    assert _offsite(stack, sftp_target, "push").returncode == 0
+    time.sleep(1.1)  # a distinct backup id
+    shutil.rmtree(stack.backup_dir / last_good)  # the new host does not have it
+    first_on_new_host = _backup(stack)
+    assert _offsite(stack, sftp_target, "push").returncode == 0
+    policy = ["--keep-daily", "1", "--keep-weekly", "1", "--keep-monthly", "1"]
+    pruned = _offsite(stack, sftp_target, "prune", *policy)
+    assert pruned.returncode == 0, pruned.stderr
+    assert sftp_target.files is not None
+    assert sorted(p.name for p in sftp_target.files.iterdir()) == sorted(
+        [last_good, first_on_new_host]
+    )
