@@ -106,7 +106,7 @@ def sftp_target(tmp_path: Path) -> Iterator[Target]:
                 settings, ssh_key_path=str(client_key), known_hosts_path=str(known_hosts)
             )
         )
-        rclone_config.chmod(0o600)
+        rclone_config.chmod(0o400)  # as deployed (a secret file)
         yield Target(
             "sftp", rclone_config, rclone_remote(STACK, settings), chroot / "backups" / STACK
         )
@@ -169,7 +169,7 @@ def s3_target(tmp_path: Path) -> Iterator[Target]:
                 s3_secret_access_key="offsite-test-secret-key",
             )
         )
-        rclone_config.chmod(0o600)
+        rclone_config.chmod(0o400)  # as deployed (a secret file)
         # The bucket exists beforehand, as at a provider (least-privilege keys cannot create it).
         import boto3  # comes with moto
 
