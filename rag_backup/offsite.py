@@ -127,7 +127,12 @@ class Rclone:
             env=self.env,
         )
         try:
-            out, _ = proc.popen.communicate(input_bytes, timeout=RCLONE_TIMEOUT_S)
+            try:
+                out, _ = proc.popen.communicate(input_bytes, timeout=RCLONE_TIMEOUT_S)
+            except subprocess.TimeoutExpired as error:
+                raise BackupError(
+                    f"rclone {what} did not finish within {RCLONE_TIMEOUT_S}s"
+                ) from error
             code = proc.wait()
             if code != 0:
                 raise RcloneFailed(
@@ -467,12 +472,11 @@ def push_backup(rclone: Rclone, entry: BackupEntry) -> None:
     log(f"offsite: {entry.backup_id} copied and verified")
 
 
-def push(
-    target: Target, store: BackupStore, backup_id: str | None = None
-) -> tuple[list[str], bool]:
+def push(target: Target, store: BackupStore, backup_id: str | None = None) -> list[str]:
     """Copy every locally verified backup that has no verified remote copy (or only
-    ``backup_id``). Returns (pushed ids, whether the newest local backup is now verified
-    off-host). Raises after trying all when any copy failed."""
+    ``backup_id``), each read back and checked. Returns the ids copied; when it returns,
+    every locally verified backup (the newest included) has a verified remote copy.
+    Raises after trying all when any copy failed."""
     with store.lock("offsite push"):
         entries = store.entries() if backup_id is None else [store.get(backup_id)]
         verified = [e for e in entries if e.verified_ok]
@@ -501,9 +505,14 @@ def push(
                     log(f"offsite: FAILED {entry.backup_id}: {error}")
         finally:
             rclone.close()
+        if not entries[-1].verified_ok:
+            errors.append(
+                f"the newest backup {entries[-1].backup_id} is not verified locally; not "
+                "copied (run `rag-backup verify`)"
+            )
         if errors:
             raise BackupError("off-host copy failed: " + "; ".join(errors))
-        return pushed, True
+        return pushed
 
 
 # --------------------------------------------------------------------------- prune
@@ -770,9 +779,12 @@ def cmd_offsite(args: argparse.Namespace, progress: Progress) -> int:
         assert store is not None
         ok = False
         try:
-            pushed, ok = push(target, store, args.backup_id)
+            pushed = push(target, store, args.backup_id)
+            ok = True
         finally:
-            _record(args.metrics_dir, ok)
+            # Pushing one older backup by id says nothing about the newest one.
+            if not ok or args.backup_id in (None, "latest"):
+                _record(args.metrics_dir, ok)
         print(f"copied {len(pushed)} backup(s) off-host; newest verified there")
         return 0
     return _cmd_verify(args, target)

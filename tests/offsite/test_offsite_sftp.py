@@ -269,3 +269,20 @@ def test_a_rebuilt_hosts_first_backup_does_not_push_out_the_last_good_copy(
     assert sorted(p.name for p in sftp_target.files.iterdir()) == sorted(
         [last_good, first_on_new_host]
     )
+
+
+def test_an_unverified_newest_backup_is_not_copied_and_fails_the_run(
+    stack: Stack, sftp_target: Target
+) -> None:
+    older = _backup(stack)
+    time.sleep(1.1)
+    newest = run_cli(["backup"], stack.env)  # not verified
+    assert newest.returncode == 0, newest.stderr
+    result = _offsite(stack, sftp_target, "push")
+    assert result.returncode == 1
+    assert f"the newest backup {newest.stdout.strip()} is not verified locally" in result.stderr
+    assert sftp_target.files is not None
+    assert sorted(p.name for p in sftp_target.files.iterdir()) == [older]
+    samples = _metrics(stack)
+    assert samples[(LAST_RUN_SUCCESS, None)] == 0
+    assert samples[(LAST_SUCCESS, None)] == 0
