@@ -5,8 +5,10 @@ a target, the backup job has no way out either. Both stacks."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +19,11 @@ from tests.docker.test_isolation import IDLE, wait_connected
 from tests.docker.translate import Renamer
 from tests.program.test_backups_offsite import OFFSITE_SECRETS, SFTP
 from tests.pulumi_harness import SECRET_KEYS, run_program, stack_config
+from tests.tooling import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 STACKS = ("staging", "prod")
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -70,3 +74,43 @@ def test_without_a_target_the_backup_job_has_no_way_out(
         wait_connected(deployment, api, outside.target)  # the stand-in answers
         seen = deployment.connect_probe(job, [outside.target])
     assert seen[outside.target]["outcome"] not in REACHED, seen
+
+
+def test_the_egress_firewall_script_narrows_the_job_to_its_target(
+    offsite_deployment: Deployment, session_id: str
+) -> None:
+    """scripts/offsite-egress-firewall.sh on the egress bridge: the target's address and
+    port stay reachable, any other destination is dropped; --remove restores it."""
+    job = _start(offsite_deployment, "staging", "backup")
+    interface = offsite_deployment.bridge_interface(
+        offsite_deployment.rename("rag-staging-offsite-egress")
+    )
+    script = str(REPO / "scripts" / "offsite-egress-firewall.sh")
+    with outside_host(session_id, sys.executable) as outside:
+        elsewhere = f"{outside.address}:{outside.port + 1}"  # nothing listens: refused
+        wait_connected(offsite_deployment, job, outside.target)
+        assert offsite_deployment.connect_probe(job, [elsewhere])[elsewhere]["outcome"] in REACHED
+        narrow = [script, interface, outside.address, str(outside.port)]
+        subprocess.run(["bash", *narrow], check=True, timeout=30)
+        try:
+            seen = offsite_deployment.connect_probe(job, [outside.target, elsewhere])
+        finally:
+            subprocess.run(["bash", script, "--remove", *narrow[1:]], check=True, timeout=30)
+        after = offsite_deployment.connect_probe(job, [elsewhere])
+    assert seen[outside.target]["outcome"] == "connected", seen
+    assert seen[elsewhere]["outcome"] not in REACHED, seen
+    assert after[elsewhere]["outcome"] in REACHED, after
+
+
+@pytest.mark.integration
+def test_egress_firewall_script_passes_shellcheck_and_refuses_bad_input() -> None:
+    script = str(REPO / "scripts" / "offsite-egress-firewall.sh")
+    subprocess.run([require_tool("shellcheck"), script], check=True)
+    bad = subprocess.run(
+        ["bash", script, "rag-prod-eg", "backup.example.net", "23"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "'backup.example.net' is not an IPv4 address" in bad.stderr
