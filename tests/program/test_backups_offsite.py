@@ -26,7 +26,7 @@ SSH_KEY = (
 )
 KNOWN_HOSTS = "[backup.example.net]:23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOffsiteTestHostKey"
 S3_KEY_ID = "AKIAOFFSITEKEYID"
-S3_SECRET = "s3-secret-access-key-for-tests"  # noqa: S105 - test value
+S3_SECRET = "s3-secret-access-key-for-tests"
 SFTP = {
     "offsiteTarget": "sftp://rag@backup.example.net:23/rag-backups",
     "offsiteSshKey": SSH_KEY,
