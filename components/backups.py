@@ -20,6 +20,7 @@ import pulumi
 import pulumi_docker as docker
 
 from components.app_stack import BRIDGE_NAME_OPTION, CHROMA_DIR, AppStack
+from components.clients import client_pgpass, libpq_env, redis_client_env
 from components.config import BackupSettings, OffsiteSettings, StackConfig
 from components.containers import (
     CONFIG_DIR,
@@ -28,10 +29,12 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    image_by_digest,
     require_success,
     stack_volume,
     volume_mount,
 )
+from components.images import POSTGRES_MAJOR, image
 from components.monitoring import TEXTFILE_DIR, Monitoring
 from components.offsite import (
     KNOWN_HOSTS_FILE,
@@ -42,7 +45,7 @@ from components.offsite import (
     render_rclone_config,
 )
 from components.redis_tls import RedisTls
-from components.service_files import POSTGRES_DB, POSTGRES_USER, render_pgpass
+from components.service_files import POSTGRES_BACKUP_USER
 from components.stack_secrets import StackSecrets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,12 +63,23 @@ def logical_weekday_env(schedule: BackupSettings) -> dict[str, str]:
     return {}
 
 
+def backup_build_args() -> dict[str, str]:
+    """The base images (components/images.py) and PostgreSQL's major version."""
+    return {
+        "POSTGRES_IMAGE": image("postgres"),
+        "REDIS_IMAGE": image("redis-debian"),
+        "POSTGRES_MAJOR": str(POSTGRES_MAJOR),
+    }
+
+
 def backup_image_tag() -> str:
     """Content hash of what goes into the image: a change rebuilds, nothing else does."""
     digest = hashlib.sha256()
     files = [REPO / DOCKERFILE, *sorted((REPO / "rag_backup").rglob("*.py"))]
     for path in files:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    for key, value in sorted(backup_build_args().items()):
+        digest.update(f"{key}={value}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -98,6 +112,10 @@ class Backups(pulumi.ComponentResource):
                 context=str(REPO),
                 dockerfile=str(REPO / DOCKERFILE),
                 platform="linux/amd64",
+                args={
+                    key: image_by_digest(value, self) if key.endswith("_IMAGE") else value
+                    for key, value in backup_build_args().items()
+                },
             ),
             skip_push=True,
             opts=child,
@@ -154,8 +172,8 @@ class Backups(pulumi.ComponentResource):
             offsite_env, offsite_files = offsite_parts(cfg.stack, schedule.offsite)
 
         tls = args.redis_tls.clients["backup"]
-        pgpass = args.secrets.postgres_password.apply(
-            lambda pw: render_pgpass(n("postgres"), POSTGRES_USER, pw, "*")
+        pgpass = client_pgpass(
+            cfg, POSTGRES_BACKUP_USER, args.secrets.postgres_backup_password, "*"
         )
         secrets_dir = f"{CONFIG_DIR}/secrets"
         tls_dir = f"{CONFIG_DIR}/tls"
@@ -191,19 +209,11 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_KEEP_WEEKLY": str(schedule.keep_weekly),
                     "RAG_BACKUP_KEEP_MONTHLY": str(schedule.keep_monthly),
                     "RAG_BACKUP_PG_PHYSICAL": "1" if schedule.pg_physical else "0",
-                    "RAG_BACKUP_PG_BIN_DIR": "/usr/lib/postgresql/15/bin",
+                    "RAG_BACKUP_PG_BIN_DIR": f"/usr/lib/postgresql/{POSTGRES_MAJOR}/bin",
                     **logical_weekday_env(schedule),
                     "TMPDIR": SCRATCH_DIR,
-                    "PGHOST": n("postgres"),
-                    "PGPORT": "5432",
-                    "PGUSER": POSTGRES_USER,
-                    "PGDATABASE": POSTGRES_DB,
-                    "PGPASSFILE": f"{secrets_dir}/pgpass",
-                    "REDIS_URL": f"rediss://backup@{n('redis')}:6379/0",
-                    "REDIS_PASSWORD_FILE": f"{secrets_dir}/redis_password",
-                    "REDIS_TLS_CA_FILE": f"{tls_dir}/ca.crt",
-                    "REDIS_TLS_CERT_FILE": f"{tls_dir}/client.crt",
-                    "REDIS_TLS_KEY_FILE": f"{tls_dir}/client.key",
+                    **libpq_env(cfg, POSTGRES_BACKUP_USER, f"{secrets_dir}/pgpass"),
+                    **redis_client_env(cfg, "backup", tls_dir, f"{secrets_dir}/redis_password"),
                     "CHROMA_DIR": CHROMA_DIR,
                     **offsite_env,
                 },
@@ -211,7 +221,7 @@ class Backups(pulumi.ComponentResource):
                     ConfigFile(
                         "secrets/backup_passphrase", args.secrets.backup_passphrase, secret=True
                     ),
-                    ConfigFile("secrets/pgpass", pulumi.Output.secret(pgpass), secret=True),
+                    ConfigFile("secrets/pgpass", pgpass, secret=True),
                     ConfigFile(
                         "secrets/redis_password",
                         args.secrets.redis_passwords["backup"],

@@ -20,17 +20,23 @@ from typing import Any
 
 import yaml
 
+from components.images import image
+
 # --- Images and healthchecks -------------------------------------------------------------
-# Exact tags (docs/monitoring.md explains the choices). The prom/* and postgres-exporter
-# images are busybox-based: wget exists, curl does not. redis_exporter's default image is
-# FROM scratch (no shell, no wget), so the -alpine variant is pinned for its healthcheck.
+# Exact tags and digests live in components/images.py (docs/monitoring.md explains the
+# choices). The prom/* and postgres-exporter images are busybox-based: wget exists, curl
+# does not. redis_exporter's default image is FROM scratch (no shell, no wget), so the
+# -alpine variant is pinned for its healthcheck.
 MONITORING_IMAGES: Mapping[str, str] = MappingProxyType(
     {
-        "prometheus": "prom/prometheus:v2.53.4",
-        "alertmanager": "prom/alertmanager:v0.27.0",
-        "node-exporter": "prom/node-exporter:v1.8.2",
-        "redis-exporter": "oliver006/redis_exporter:v1.67.0-alpine",
-        "postgres-exporter": "prometheuscommunity/postgres-exporter:v0.16.0",
+        service: image(service)
+        for service in (
+            "prometheus",
+            "alertmanager",
+            "node-exporter",
+            "redis-exporter",
+            "postgres-exporter",
+        )
     }
 )
 
