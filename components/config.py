@@ -155,6 +155,23 @@ class ImageSettings:
 
 
 @dataclass(frozen=True)
+class OffsiteSettings:
+    """Where each backup is copied off the host (``offsiteTarget``), read by rclone."""
+
+    kind: str  # "sftp" or "s3"
+    path: str  # sftp: relative to the login directory (or absolute); s3: bucket/prefix
+    host: str = ""  # sftp
+    port: int = 22  # sftp
+    user: str = ""  # sftp
+    ssh_key: Secret | None = None  # sftp: private key (OpenSSH)
+    known_hosts: str = ""  # sftp: the target's host key line(s), pinned
+    s3_endpoint: str | None = None  # s3: None = AWS
+    s3_region: str | None = None
+    s3_access_key_id: Secret | None = None
+    s3_secret_access_key: Secret | None = None
+
+
+@dataclass(frozen=True)
 class BackupSettings:
     time_of_day: str  # HH:MM, host time (UTC in containers)
     drill_weekday: str
@@ -168,6 +185,8 @@ class BackupSettings:
     # With physical backups, the portable logical dump is taken on this weekday only
     # (None: in every backup).
     pg_logical_weekday: str | None = "sun"
+    # None: backups stay on the host (and the job keeps no egress).
+    offsite: OffsiteSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +282,13 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "backupHostPath": (None, False),
     "backupPgPhysical": ("true", False),
     "backupPgLogicalWeekday": ("sun", False),
+    "offsiteTarget": (None, False),
+    "offsiteSshKey": (None, True),
+    "offsiteSshKnownHosts": (None, False),
+    "offsiteS3Endpoint": (None, False),
+    "offsiteS3Region": (None, False),
+    "offsiteS3AccessKeyId": (None, True),
+    "offsiteS3SecretAccessKey": (None, True),
     "cacheHitsMetric": ("rag_cache_hits_total", False),
     "cacheMissesMetric": ("rag_cache_misses_total", False),
     "llmErrorsMetric": ("rag_llm_errors_total", False),
@@ -511,6 +537,74 @@ def _parse_backup(c: _Collector) -> BackupSettings:
         host_path=host_path,
         pg_physical=c.boolean("backupPgPhysical"),
         pg_logical_weekday=_logical_weekday(c),
+        offsite=_parse_offsite(c),
+    )
+
+
+_OFFSITE_SFTP = re.compile(
+    r"^sftp://(?P<user>[A-Za-z0-9._-]+)@(?P<host>[A-Za-z0-9.-]+)(:(?P<port>[0-9]{1,5}))?"
+    r"/(?P<path>[A-Za-z0-9._/-]*)$"
+)
+_OFFSITE_S3 = re.compile(r"^s3://(?P<path>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?)$")
+_LOOPBACK_HTTP = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]{1,5})?/?$")
+_HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$")
+_REGION = re.compile(r"^[a-z0-9-]{1,40}$")
+_KNOWN_HOSTS_LINE = re.compile(
+    r"^(\S+) (ssh-ed25519|ecdsa-sha2-nistp\d+|ssh-rsa) [A-Za-z0-9+/=]+( .*)?$"
+)
+
+
+def _parse_offsite(c: _Collector) -> OffsiteSettings | None:
+    """``offsiteTarget``: sftp://user@host[:port]/path or s3://bucket[/prefix]; unset =
+    no off-host copy. Each stack's copies go under <path>/<stack>."""
+    raw = c.get("offsiteTarget")
+    if raw is None:
+        return None
+    path_ok = "no '..' segment"
+    sftp, s3 = _OFFSITE_SFTP.match(raw), _OFFSITE_S3.match(raw)
+    expected = "sftp://user@host[:port]/path or s3://bucket[/prefix] (letters, digits, . _ - /)"
+    if (sftp is None and s3 is None) or ".." in raw.split("/"):
+        c.fail("offsiteTarget", raw, f"{expected}, {path_ok}")
+        return None
+    if sftp is not None:
+        port = int(sftp["port"] or 22)
+        if not 1 <= port <= 65535 or not _HOSTNAME.match(sftp["host"]):
+            c.fail("offsiteTarget", raw, expected)
+        known = c.get("offsiteSshKnownHosts") or ""
+        lines = [line for line in known.splitlines() if line.strip()]
+        if not lines or not all(_KNOWN_HOSTS_LINE.match(line) for line in lines):
+            c.fail(
+                "offsiteSshKnownHosts",
+                c.get("offsiteSshKnownHosts"),
+                "the target's host key line(s) in known_hosts format, e.g. the output of "
+                f"`ssh-keyscan -p {port} {sftp['host']}` (checked, never trusted on first use)",
+            )
+        ssh_key = c.secret("offsiteSshKey", required=True)
+        return OffsiteSettings(
+            kind="sftp",
+            path=sftp["path"],
+            host=sftp["host"],
+            port=port,
+            user=sftp["user"],
+            ssh_key=ssh_key,
+            known_hosts="\n".join(lines) + "\n",
+        )
+    assert s3 is not None
+    endpoint = c.get("offsiteS3Endpoint")
+    if endpoint is not None and not (_HTTPS_URL.match(endpoint) or _LOOPBACK_HTTP.match(endpoint)):
+        c.fail("offsiteS3Endpoint", endpoint, "an https:// URL of the S3-compatible service")
+        endpoint = None
+    region = c.get("offsiteS3Region")
+    if region is not None and not _REGION.match(region):
+        c.fail("offsiteS3Region", region, "a region name, e.g. eu-central-1")
+        region = None
+    return OffsiteSettings(
+        kind="s3",
+        path=s3["path"],
+        s3_endpoint=endpoint,
+        s3_region=region,
+        s3_access_key_id=c.secret("offsiteS3AccessKeyId", required=True),
+        s3_secret_access_key=c.secret("offsiteS3SecretAccessKey", required=True),
     )
 
 

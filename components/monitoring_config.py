@@ -239,6 +239,15 @@ ALERTS: tuple[AlertSpec, ...] = (
         "than the allowed age.",
     ),
     AlertSpec(
+        "OffsiteBackupStale",
+        "backups",
+        SEVERITY_WARNING,
+        "15m",
+        "No backup proven copied off the host recently",
+        "The newest backup has not been copied off the host and read back (size and SHA-256 "
+        "against its manifest) within the allowed age: losing the host would lose it.",
+    ),
+    AlertSpec(
         "AlertmanagerNotificationsFailing",
         "meta",
         SEVERITY_CRITICAL,
@@ -549,6 +558,12 @@ def _expression(name: str, s: MonitoringSettings) -> str:
             f"max(rag_restore_drill_last_run_success{{{node}}}) == 0"
             f" or time() - max(rag_restore_drill_last_success_timestamp_seconds{{{node}}})"
             f" > {_num(parse_duration(t.restore_drill_max_age))}"
+        ),
+        # No series (no off-host target on this stack) is no alert; a target that never
+        # succeeded reports 0.
+        "OffsiteBackupStale": (
+            "time() - max(rag_backup_offsite_last_success_timestamp_seconds"
+            f"{{{node}}}) > {_num(parse_duration(t.backup_max_age))}"
         ),
         "AlertmanagerNotificationsFailing": (
             "sum by (integration) "

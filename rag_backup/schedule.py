@@ -32,6 +32,7 @@ from pathlib import Path
 
 from rag_backup.cli import environment_problems
 from rag_backup.metrics import BACKUP_FILE, DRILL_FILE, read_samples, write_atomic
+from rag_backup.offsite import scheduled_steps as offsite_steps
 
 SCHEDULER_FILE = "rag_backup_scheduler.prom"
 # Written by its own thread every HEARTBEAT_SECONDS, also while a long job runs.
@@ -166,9 +167,9 @@ def run_job(
     runner: Callable[[Sequence[str]], int],
     backup_args: Sequence[str] = ("backup", "--verify"),
 ) -> bool:
-    """backup = backup --verify (``backup_args``), then prune; drill = drill. True when all
-    steps passed."""
-    steps = [list(backup_args), ["prune"]] if job == "backup" else [["drill"]]
+    """backup = backup --verify (``backup_args``), then prune, then the off-host copy
+    and its prune when a target is set; drill = drill. True when all steps passed."""
+    steps = [list(backup_args), ["prune"], *offsite_steps()] if job == "backup" else [["drill"]]
     for step in steps:
         print(f"rag-backup-schedule: running rag-backup {' '.join(step)}", flush=True)
         code = runner(step)
