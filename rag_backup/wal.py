@@ -129,6 +129,10 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
             marker = int(pg.psql_value(cfg.postgres, "SELECT txid_current()", database))
             pg.psql_value(cfg.postgres, "SELECT pg_switch_wal()", database)
             end_lsn = pg.psql_value(cfg.postgres, "SELECT pg_current_wal_lsn()", database)
+            # pg_receivewal stops only once it receives WAL *past* --endpos; right after a
+            # switch there is none until the next background record (~15 s on an idle
+            # server), so commit one now: the cycle then takes well under a second.
+            pg.psql_value(cfg.postgres, "SELECT txid_current()", database)
             _receivewal(cfg, f"--endpos={end_lsn}", "--no-loop")
             index = read_index(cfg.store)
             for path in sorted(cfg.spool.iterdir()):
@@ -143,6 +147,15 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
             cycles = index.setdefault("cycles", [])
             cycles.append({"at": switched_at, "xid": marker, "end_lsn": end_lsn})
             write_json_atomic(target / INDEX, index)
+            # Release the WAL now at rest from the slot. pg_receivewal exits at --endpos
+            # before its first status report, so without this the server would keep (and
+            # resend) every segment since the slot was made, up to max_slot_wal_keep_size.
+            # Never backwards; REPLICATION suffices.
+            advance = (
+                f"SELECT pg_replication_slot_advance({pg.quote_literal(cfg.slot)}, "
+                f"{pg.quote_literal(end_lsn)}::pg_lsn)"
+            )
+            pg.psql_value(cfg.postgres, advance, database)
             success = True
     finally:
         if cfg.metrics_dir is not None:

@@ -156,6 +156,13 @@ def test_wal_archiving_works_as_the_backup_role_through_the_programs_pg_hba(
         ]
     )
     assert slot.stdout.strip() == "physical reserved", slot.stdout + slot.stderr
+    # A live archiver holds no WAL on the server beyond what it has not yet archived.
+    released_sql = (
+        f"SELECT restart_lsn >= '{index['end_lsn']}'::pg_lsn "  # noqa: S608 - an LSN we read
+        "FROM pg_replication_slots WHERE slot_name = 'rag_backup_wal'"
+    )
+    released = migrated_postgres.run_as_postgres([*psql, released_sql])
+    assert released.stdout.strip() == "t", released.stdout + released.stderr
     cap = migrated_postgres.run_as_postgres([*psql, "SHOW max_slot_wal_keep_size"])
     expected_cap = POSTGRES_WAL_SETTINGS["max_slot_wal_keep_size"]
     assert cap.stdout.strip() == expected_cap, cap.stdout + cap.stderr
