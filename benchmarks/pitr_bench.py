@@ -41,8 +41,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from benchmarks.backup_bench import DATABASE, PASSPHRASE, generate_postgres  # noqa: E402
+from backup_bench import DATABASE, PASSPHRASE, generate_postgres  # noqa: E402
+
+from rag_backup import wal  # noqa: E402
+from rag_backup.crypto import Cipher, CipherSettings  # noqa: E402
+from rag_backup.progress import Progress  # noqa: E402
+from rag_backup.store import BackupStore  # noqa: E402
 from tests.servers import (  # noqa: E402
     PostgresServer,
     free_port,
@@ -260,14 +266,16 @@ def main() -> int:
                 env,
             ).split()[0]
 
+        first_segment = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
         ours_backup_s = timed("rag-backup backup (base backup)", ours_backup)
         pgbr_backup_s = timed(
             "pgbackrest backup --type=full",
             lambda: run([*pgbr, "backup", "--type=full"], pgbr_env, as_postgres=True),
         )
         ours_size = sum(p.stat().st_size for p in (root / "rag-backups" / ids["base"]).iterdir())
-        info = json.loads(run([*pgbr, "info", "--output=json"], pgbr_env, as_postgres=True))
-        pgbr_size = info[0]["backup"][-1]["info"]["repository"]["delta"]
+        pgbr_size = sum(
+            p.stat().st_size for p in (root / "pgbr-repo" / "backup").rglob("*") if p.is_file()
+        )
         print(
             f"  sizes: rag-backup {ours_size / 2**20:.1f} MiB, "
             f"pgBackRest {pgbr_size / 2**20:.1f} MiB"
@@ -384,6 +392,29 @@ def main() -> int:
         print("rag-backup restore phases (its own timings):")
         for label, line in timings.items():
             print(f"  {label:<5}: {line}")
+
+        print("where rag-backup's PITR staging goes: decrypting the archived WAL again,")
+        staged: dict[int, float] = {}
+        with Cipher(CipherSettings("gpg", key_file=key_file)) as cipher:
+            for jobs in (1, 2):
+                target_dir = Path(tempfile.mkdtemp(dir=root))
+
+                def stage(jobs: int = jobs, target_dir: Path = target_dir) -> None:
+                    staged[jobs] = wal.stage_segments(
+                        BackupStore(root / "rag-backups"),
+                        cipher,
+                        first_segment,
+                        target_dir,
+                        Progress(enabled=False),
+                        jobs,
+                    )
+
+                label = f"{'one at a time' if jobs == 1 else f'{jobs} at a time (as restore does)'}"
+                staged_s = timed(f"  segments {label}", stage)
+                print(
+                    f"    {staged[jobs]} segments, {staged_s / staged[jobs]:.2f} s each on average"
+                )
+                shutil.rmtree(target_dir)
 
         def ratio(what: str, ours: float, theirs: float, target: float) -> str:
             value = ours / theirs
