@@ -15,7 +15,8 @@ RPO = the cycle), pg_receivewal receives up to that point (``--endpos``) into a 
 key into ``BACKUP_DIR/wal/<segment>.zst.gpg`` (temp file, fsync, rename) and its plaintext
 removed at once; ``wal/index.json`` records each segment's size and SHA-256 and the time up
 to which the archive is complete (``covered_until``: the switch time of the last complete
-cycle). Plaintext WAL exists only in the spool, for the length of one cycle."""
+cycle); then the slot is advanced to that point, releasing the WAL now at rest on the server.
+Plaintext WAL exists only in the spool, for the length of one cycle."""
 
 from __future__ import annotations
 
