@@ -60,7 +60,11 @@ from tests.tooling import require_tool  # noqa: E402
 
 STANZA = "bench"
 POSTGRES_ONLY = ("--components", "postgres")
-WAL_INTERVAL_S = 60  # rag-backup's scheduler cycle; pgBackRest gets archive_timeout = this
+WAL_INTERVAL_S = 60
+# Every restored server, either tool's: archiving off (a restored copy must not push into
+# the repository) and fsync on (the test server's fsync=off would spare pgBackRest's replay
+# the syncs rag-backup's private recovery server does).
+RESTORED_SETTINGS = ("-c", "archive_mode=off", "-c", "fsync=on")  # rag-backup's scheduler cycle; pgBackRest gets archive_timeout = this
 POSTGRES_RUN_AS: dict[str, Any] = (
     {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
 )
@@ -147,14 +151,14 @@ def markers(port: int, env: dict[str, str]) -> list[str]:
 
 class RestoredServer:
     """A PostgreSQL started on a restored data directory, with the live server's settings
-    (archiving off: a restored copy must not push into the repository)."""
+    and RESTORED_SETTINGS."""
 
     def __init__(self, template: PostgresServer, data_dir: Path, log: Path) -> None:
         self.port = free_port()
         args = list(template.start_args)
         args[args.index("-D") + 1] = str(data_dir)
         args = [a.replace(f"port={template.port}", f"port={self.port}") for a in args]
-        args += ["-c", "archive_mode=off"]
+        args += [*RESTORED_SETTINGS]
         with open(log, "ab") as log_file:
             self.process = subprocess.Popen(
                 args, stdout=log_file, stderr=subprocess.STDOUT, **POSTGRES_RUN_AS
@@ -368,7 +372,7 @@ def main() -> int:
         shutil.rmtree(restore_root / "pgbr-full")
         shutil.rmtree(restore_root / "pgbr-pitr")
 
-        pg.start_args += ["-c", "archive_mode=off"]  # restored copies push nothing
+        pg.start_args += [*RESTORED_SETTINGS]
         physical = ["--components", "postgres", "--pg-mode", "physical", "--yes"]
         physical += ["--pg-data-dir", str(pg.data_dir)]
         timings: dict[str, str] = {}
