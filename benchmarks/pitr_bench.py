@@ -60,11 +60,11 @@ from tests.tooling import require_tool  # noqa: E402
 
 STANZA = "bench"
 POSTGRES_ONLY = ("--components", "postgres")
-WAL_INTERVAL_S = 60
+WAL_INTERVAL_S = 60  # rag-backup's scheduler cycle; pgBackRest gets archive_timeout = this
 # Every restored server, either tool's: archiving off (a restored copy must not push into
 # the repository) and fsync on (the test server's fsync=off would spare pgBackRest's replay
 # the syncs rag-backup's private recovery server does).
-RESTORED_SETTINGS = ("-c", "archive_mode=off", "-c", "fsync=on")  # rag-backup's scheduler cycle; pgBackRest gets archive_timeout = this
+RESTORED_SETTINGS = ("-c", "archive_mode=off", "-c", "fsync=on")
 POSTGRES_RUN_AS: dict[str, Any] = (
     {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
 )
