@@ -51,9 +51,21 @@ def logical_weekday_env(schedule: BackupSettings) -> dict[str, str]:
     return {}
 
 
-def backup_image_tag() -> str:
+# The job's writable mount points: the image creates them owned by the job's user.
+MOUNT_POINTS = (BACKUP_DIR, SCRATCH_DIR, TEXTFILE_DIR)
+
+
+def backup_build_args(owner: str) -> dict[str, str]:
+    """Docker copies an image directory's owner onto an empty named volume at a
+    container's first mount: the image's mount points must already be the job's."""
+    return {"BACKUP_USER": owner, "BACKUP_MOUNT_POINTS": " ".join(MOUNT_POINTS)}
+
+
+def backup_image_tag(build_args: dict[str, str]) -> str:
     """Content hash of what goes into the image: a change rebuilds, nothing else does."""
     digest = hashlib.sha256()
+    for key, value in sorted(build_args.items()):
+        digest.update(f"{key}={value}\0".encode())
     files = [REPO / DOCKERFILE, *sorted((REPO / "rag_backup").rglob("*.py"))]
     for path in files:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
@@ -82,13 +94,17 @@ class Backups(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         schedule = cfg.backup
 
+        # The job runs as the api's user so it can read Chroma's files.
+        owner = cfg.app.user
+        build_args = backup_build_args(owner)
         image = docker.Image(
             n("backup-image"),
-            image_name=f"{BACKUP_IMAGE_REPOSITORY}:{backup_image_tag()}",
+            image_name=f"{BACKUP_IMAGE_REPOSITORY}:{backup_image_tag(build_args)}",
             build=docker.DockerBuildArgs(
                 context=str(REPO),
                 dockerfile=str(REPO / DOCKERFILE),
                 platform="linux/amd64",
+                args=build_args,
             ),
             skip_push=True,
             opts=child,
@@ -104,16 +120,15 @@ class Backups(pulumi.ComponentResource):
         scratch = stack_volume(n("backup-scratch"), self, "scratch", holds_data=False)
         textfile = args.monitoring.textfile_volume
 
-        # The job runs as the api's user so it can read Chroma's files; this one-shot
-        # root step (CHOWN only) hands it the directories it writes.
-        owner = cfg.app.user
+        # A one-shot root step (CHOWN only) hands the job the directories it writes where
+        # the image's owner does not reach: a bind mount, a volume that already has files.
         volume_init = hardened_container(
             n("backup-volume-init"),
             ServiceSpec(
                 service="backup-volume-init",
                 image=image.image_name,
                 entrypoint=["/bin/sh", "-c"],
-                command=[f"chown {owner} {BACKUP_DIR} {SCRATCH_DIR} {TEXTFILE_DIR}"],
+                command=[f"chown {owner} {' '.join(MOUNT_POINTS)}"],
                 user="0:0",
                 capabilities=["CHOWN"],
                 mounts=[
