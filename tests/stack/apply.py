@@ -22,18 +22,28 @@ container also gets its declared name as a network alias, so the names the progr
 writes into env and configs resolve; published host ports are free ones (the declared
 host IP is kept); image refs map to the local images; DNS stays on this machine
 (tests/docker/deployment.py); the healthcheck's ``CMD`` argv runs through ``/bin/sh``
-(the CLI takes a shell string).
+(the CLI takes a shell string). One host limit: a bind mount declared with ``rslave``
+propagation of a source whose host mount is private (a sandbox without systemd; systemd
+makes ``/`` shared at boot) cannot even be created there. The harness then binds the
+same filesystem through a shared bind of the source it makes itself
+(``/run/ragtest-binds/...``, removed by ``release_host_binds``), keeping ``rslave``, and
+records that in ``Applied.deviations`` (printed), never silently.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shlex
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tests.docker.deployment import CONTAINED_DNS
@@ -71,6 +81,71 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def mount_propagation(path: str) -> str:
+    """The host's propagation of the mount holding ``path`` (findmnt), e.g. shared."""
+    findmnt = shutil.which("findmnt")
+    if findmnt is None:
+        raise ApplyError("findmnt (util-linux) is needed to read the host's mount propagation")
+    done = subprocess.run(
+        [findmnt, "-n", "-o", "PROPAGATION", "--target", path],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+HOST_BINDS_DIR = Path("/run/ragtest-binds")
+_host_binds: dict[str, str] = {}  # declared source -> the shared bind standing in for it
+_host_binds_lock = threading.Lock()
+
+
+def _shared_bind_of(source: str) -> str:
+    with _host_binds_lock:
+        if source not in _host_binds:
+            target = HOST_BINDS_DIR / f"{os.getpid()}-{len(_host_binds)}"
+            target.mkdir(parents=True, exist_ok=True)
+            for argv in (
+                ["mount", "--bind", source, str(target)],
+                ["mount", "--make-shared", str(target)],
+            ):
+                subprocess.run(argv, check=True, capture_output=True, timeout=30)
+            _host_binds[source] = str(target)
+        return _host_binds[source]
+
+
+def release_host_binds() -> None:
+    """Unmount and remove the shared binds this process made."""
+    with _host_binds_lock:
+        for target in _host_binds.values():
+            subprocess.run(["umount", target], check=False, capture_output=True, timeout=30)
+            Path(target).rmdir()
+        _host_binds.clear()
+
+
+def host_bindable(inputs: Mapping[str, Any], deviations: list[str]) -> dict[str, Any]:
+    """``inputs`` with rslave/rshared binds of private host mounts made through a shared
+    bind of the same source."""
+    mounts = []
+    for mount in inputs.get("mounts") or []:
+        propagation = (mount.get("bindOptions") or {}).get("propagation")
+        if (
+            mount["type"] == "bind"
+            and propagation in ("rslave", "slave", "rshared", "shared")
+            and mount_propagation(mount["source"]) == "private"
+        ):
+            stand_in = _shared_bind_of(mount["source"])
+            deviations.append(
+                f"{inputs['name']}: bind {mount['source']} ({propagation}) made through "
+                f"{stand_in}, a shared bind of it (the host's mount is private)"
+            )
+            print(f"[tests/stack] deviation: {deviations[-1]}", file=sys.__stderr__)
+            mount = {**mount, "source": stand_in}
+        mounts.append(mount)
+    return {**inputs, "mounts": mounts} if mounts else dict(inputs)
 
 
 def health_flags(inputs: Mapping[str, Any]) -> list[str]:
@@ -118,6 +193,7 @@ class Applied:
     containers: dict[str, str] = field(default_factory=dict)
     host_ports: dict[int, int] = field(default_factory=dict)  # declared -> bound
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # declared name -> inputs
+    deviations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -195,7 +271,7 @@ class StackApplier:
         )
         if unknown:
             raise ApplyError(f"container {inputs['name']}: inputs {unknown} are not applied")
-        plan = self.plan(run, inputs, applied)
+        plan = self.plan(run, host_bindable(inputs, applied.deviations), applied)
         name = self.create(inputs, plan)
         applied.containers[inputs["name"]] = name
         applied.inputs[inputs["name"]] = dict(inputs)

@@ -21,7 +21,7 @@ from tests.docker.conftest import docker_cli  # noqa: F401 - the shared engine f
 from tests.docker.engine import DockerCli, DockerObjects
 from tests.docker.translate import Renamer
 from tests.pulumi_harness import ProgramRun, run_program, stack_config
-from tests.stack.apply import Applied, StackApplier, run_parallel
+from tests.stack.apply import Applied, StackApplier, release_host_binds, run_parallel
 from tests.stack.images import LocalImages
 
 STACKS = ("staging", "prod")
@@ -66,6 +66,7 @@ def fresh_applier(
         yield applier
     finally:
         errors = objects.remove_all()
+        release_host_binds()
         assert not errors, f"cleanup failed: {errors}"
 
 
@@ -92,4 +93,5 @@ def stacks(
         yield Stacks(applier, runs, dict(zip(STACKS, applied, strict=True)))
     finally:
         errors = objects.remove_all()
+        release_host_binds()
         assert not errors, f"cleanup failed: {errors}"
