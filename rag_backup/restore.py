@@ -214,7 +214,7 @@ def run_restore(cfg: RestoreConfig, progress: Progress) -> list[str]:
     components = select_components(entry, cfg.components)
     _check_targets(cfg, entry, components)
     started = time.monotonic()
-    with cfg.store.lock("restore"), Cipher(cfg.cipher) as cipher:
+    with cfg.store.lock("restore", read_only_ok=True), Cipher(cfg.cipher) as cipher:
         log(f"checking backup {entry.backup_id} before touching anything")
         pg_kind = physical.KIND if cfg.pg_mode == "physical" else PG_LOGICAL_KIND
         _check_all_ciphertext(entry, components, cipher, {pg_kind, "redis_rdb", "tar"})
@@ -248,6 +248,16 @@ def run_restore(cfg: RestoreConfig, progress: Progress) -> list[str]:
         staged.timings["total"] = time.monotonic() - started
         _log_timings(staged.timings)
         return kept
+
+
+def _staging_root(cfg: RestoreConfig) -> Path:
+    """Where the PostgreSQL dump is decrypted: never a read-only BACKUP_DIR."""
+    if cfg.staging_dir is not None:
+        return cfg.staging_dir
+    if cfg.store.state_dir is not None:
+        cfg.store.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cfg.store.state_dir
+    return cfg.store.root if cfg.store.writable() else Path(tempfile.gettempdir())
 
 
 def _timed_call(
@@ -332,7 +342,7 @@ def _stage_all(
     elif "postgres" in components:
         assert cfg.postgres is not None
         pg_settings = cfg.postgres
-        staging_root = cfg.staging_dir or cfg.store.root
+        staging_root = _staging_root(cfg)
         staged.pg_file_dir = Path(
             tempfile.mkdtemp(prefix=f".restore-{entry.backup_id}-", dir=staging_root)
         )

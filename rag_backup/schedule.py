@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rag_backup.cli import environment_problems
 from rag_backup.metrics import BACKUP_FILE, DRILL_FILE, read_samples, write_atomic
 
 SCHEDULER_FILE = "rag_backup_scheduler.prom"
@@ -304,6 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ScheduleError as exc:
         print(f"rag-backup-schedule: error: {exc}", file=sys.stderr)
+        return 2
+    # The settings rag-backup itself reads, checked before the first job: a typo gives one
+    # clear line at start, not a failed job (and a traceback) every night.
+    problems = environment_problems()
+    if problems:
+        for problem in problems:
+            print(f"rag-backup-schedule: error: {problem}", file=sys.stderr)
         return 2
     if args.once:
         results = run_pending(schedule, args.metrics_dir, _now())

@@ -181,5 +181,5 @@ def test_bad_input_is_named_before_anything_is_touched(tmp_path: Path) -> None:
         assert message in last, (args, result.stderr)
     bad_components = run_cli(["backup", "--components", "mysql"], base)
     assert bad_components.returncode != 0
-    assert "--components: 'mysql'" in bad_components.stderr
+    assert "--components / RAG_BACKUP_COMPONENTS: 'mysql'" in bad_components.stderr
     assert not backups.exists()
