@@ -3,7 +3,8 @@ which proves the container reaches its stack's Redis over TLS (client certificat
 password from a file) and its PostgreSQL (libpq environment + PGPASSFILE), with pgcrypto
 when DATA_ENCRYPTION_KEY_FILE is set. ``PUT /markers/NAME`` writes a marker into each store
 (a pgcrypto-encrypted row, a Redis key, a file in the Chroma directory) and
-``GET /markers/NAME`` says which store has it: what a restore must bring back.
+``GET /markers/NAME`` says which store has it: what a restore must bring back;
+``DELETE /markers/NAME`` loses it from every store.
 Standard library + redis + psycopg only."""
 
 from __future__ import annotations
@@ -109,6 +110,22 @@ def write_marker(name: str) -> dict[str, str]:
     return read_marker(name)
 
 
+def delete_marker(name: str) -> dict[str, str]:
+    """Data loss, as a bug or a user would cause it: the marker gone from every store."""
+    with psycopg.connect("", connect_timeout=5) as conn:
+        conn.execute(
+            "create table if not exists markers (name text primary key, sealed bytea not null)"
+        )
+        conn.execute("delete from markers where name = %(n)s", {"n": name})
+    client = redis_client()
+    try:
+        client.delete(f"marker:{name}")
+    finally:
+        client.close()
+    chroma_marker(name).unlink(missing_ok=True)
+    return read_marker(name)
+
+
 def read_marker(name: str) -> dict[str, str]:
     found: dict[str, str] = {}
     try:
@@ -159,6 +176,13 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200 if healthy else 503, "application/json", result)
         elif path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
             self.reply(200, "application/json", read_marker(path[9:]))
+        else:
+            self.reply(404, "application/json", {"error": f"no route {path}"})
+
+    def do_DELETE(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
+            self.reply(200, "application/json", delete_marker(path[9:]))
         else:
             self.reply(404, "application/json", {"error": f"no route {path}"})
 
