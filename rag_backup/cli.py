@@ -4,6 +4,7 @@ Any failure ends with one line ``rag-backup: error: ...`` on stderr and exit cod
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import signal
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from rag_backup import __version__, metrics, ops, redis_ops
+from rag_backup import __version__, metrics, ops, redis_ops, wal
 from rag_backup.crypto import CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import find_server_bin_dir
@@ -82,6 +83,23 @@ def _choice(option: str, allowed: tuple[str, ...]) -> Callable[[str], str]:
                 f"{option}: {text!r} is not one of {', '.join(allowed)}"
             )
         return text
+
+    return parse
+
+
+def _utc_time(option: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{option}: {text!r} is not an ISO 8601 time, e.g. 2026-11-30T17:00:00Z"
+            ) from None
+        if when.tzinfo is None:
+            raise argparse.ArgumentTypeError(
+                f"{option}: {text!r} has no time zone; add Z or +HH:MM"
+            )
+        return when.timestamp()
 
     return parse
 
@@ -368,7 +386,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="--pg-mode physical: PostgreSQL server binaries of the same major version "
         "(default: PATH, /usr/lib/postgresql/15/bin)",
     )
+    restore.add_argument(
+        "--target-time",
+        type=_utc_time("--target-time"),
+        default=None,
+        metavar="ISO-TIME",
+        help="--pg-mode physical: point-in-time recovery to this time (ISO 8601 with a zone, "
+        "e.g. 2026-11-30T17:00:00Z) from the newest base backup before it plus the WAL "
+        "archived by wal-archive",
+    )
+    restore.add_argument(
+        "--target",
+        choices=("latest",),
+        default=None,
+        help="--pg-mode physical: 'latest' recovers to the end of the archived WAL",
+    )
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    wal_archive = sub.add_parser(
+        "wal-archive",
+        help="archive PostgreSQL's WAL (one cycle) for point-in-time recovery",
+        description="Close the current WAL segment, receive everything up to it with "
+        "pg_receivewal over a replication slot, compress and encrypt each segment into "
+        "BACKUP_DIR/wal. Run it every minute (the scheduler does): that is the RPO.",
+    )
+    _add_common(wal_archive)
+    _add_metrics(wal_archive)
+    _add_pg(wal_archive)
+    wal_archive.add_argument(
+        "--slot",
+        default=os.environ.get("RAG_BACKUP_WAL_SLOT", "rag_backup_wal"),
+        help="replication slot (created if missing; env RAG_BACKUP_WAL_SLOT)",
+    )
+    wal_archive.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        help="private directory for segments being received (default: <state-dir>/wal-spool, "
+        "else BACKUP_DIR/.wal-spool)",
+    )
 
     drill = sub.add_parser(
         "drill",
@@ -549,6 +605,8 @@ def _cmd_list(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
+    if args.target_time is not None and args.target is not None:
+        raise BackupError("--target-time and --target latest exclude each other; give one")
     store = _store(args)
     redis_target = None
     if args.redis_data_dir is not None:
@@ -577,9 +635,33 @@ def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
         assume_yes=args.yes,
         pg_mode=args.pg_mode,
         pg_physical=pg_target,
+        pg_target_time=args.target_time,
+        pg_target_latest=args.target == "latest",
     )
     for line in run_restore(cfg, progress):
         print(line)
+    return 0
+
+
+def _cmd_wal_archive(args: argparse.Namespace, progress: Progress) -> int:
+    store = _store(args)
+    cipher = _cipher(args)
+    cipher.validate(need_encrypt=True, need_decrypt=False)
+    postgres = _pg(args, required=True)
+    assert postgres is not None
+    spool = args.spool_dir or (
+        args.state_dir / "wal-spool" if args.state_dir else store.root / ".wal-spool"
+    )
+    cfg = wal.WalArchiveConfig(
+        store=store,
+        cipher=cipher,
+        postgres=postgres,
+        slot=args.slot,
+        spool=spool,
+        metrics_dir=args.metrics_dir,
+    )
+    for name in wal.archive_once(cfg, progress):
+        print(name)
     return 0
 
 
@@ -613,6 +695,7 @@ COMMANDS = {
     "resolve": _cmd_resolve,
     "restore": _cmd_restore,
     "drill": _cmd_drill,
+    "wal-archive": _cmd_wal_archive,
     "prune": _cmd_prune,
 }
 
