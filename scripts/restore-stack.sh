@@ -100,7 +100,10 @@ fi
 run_job() {
   local user="$1"; shift
   local caps=(--cap-drop ALL) extra=()
-  [ "$user" = "0:0" ] && caps+=(--cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER)
+  # Root only for the swap: owners kept (CHOWN, FOWNER, DAC_OVERRIDE); the staged copies
+  # extracted and checked as their owners (SETUID, SETGID: rag-backup runs tar and a
+  # private PostgreSQL as them; KILL: it stops that server).
+  [ "$user" = "0:0" ] && caps+=(--cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER --cap-add SETUID --cap-add SETGID --cap-add KILL)
   [ "$pg_mode" = physical ] && extra+=(--mount "type=volume,source=$postgres_volume,target=/pg")
   docker run --rm --name "$(n "$stack" restore)" --network "$(n "$stack" backend)" \
     --user "$user" "${caps[@]}" --security-opt no-new-privileges:true --read-only \
@@ -171,7 +174,7 @@ if ! run_job 0:0 restore "$resolved" "${components[@]}" --yes --staging-dir /scr
   # rag-backup is all-or-nothing: it swapped nothing, or undid its swaps (its output says).
   bring_back "restore of $resolved failed (rag-backup's output above says what it left)"
 fi
-docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN \
+docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN --cap-add DAC_READ_SEARCH \
   --mount "type=volume,source=$redis_volume,target=/redis-data" \
   --mount "type=volume,source=$chroma_volume,target=/chroma" \
   --entrypoint sh "$image" -c "chown -R $redis_owner /redis-data && chown -R $chroma_owner /chroma" \

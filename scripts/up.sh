@@ -21,7 +21,12 @@ if ! command -v docker >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq docker.io >/dev/null
 fi
 if ! docker info >/dev/null 2>&1; then
-  "${sudo_cmd[@]}" systemctl start docker 2>/dev/null || { "${sudo_cmd[@]}" dockerd >/var/log/dockerd.log 2>&1 & sleep 5; }
+  # Without systemd: dockerd in the background, its log written by root (the redirect
+  # runs inside the privileged shell, not as the calling user).
+  "${sudo_cmd[@]}" systemctl start docker 2>/dev/null ||
+    "${sudo_cmd[@]}" sh -c 'nohup dockerd >>/var/log/dockerd.log 2>&1 &'
+  for _ in $(seq 1 30); do "${sudo_cmd[@]}" docker info >/dev/null 2>&1 && break; sleep 1; done
+  "${sudo_cmd[@]}" docker info >/dev/null 2>&1 || { echo "up.sh: the Docker engine did not start (see /var/log/dockerd.log)" >&2; exit 1; }
 fi
 for pkg in python3-venv git curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||

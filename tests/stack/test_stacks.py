@@ -7,9 +7,14 @@ in order against them; each scenario leaves both stacks healthy for the next.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +23,7 @@ from tests.stack.probes import caddy_request
 from tests.tooling import require_tool
 
 pytestmark = pytest.mark.stack
+SCHEDULED_BACKUP_TIMEOUT_S = 180
 
 
 def test_both_stacks_answer_through_caddy_with_redis_tls_postgres_and_pgcrypto(
@@ -34,6 +40,48 @@ def test_both_stacks_answer_through_caddy_with_redis_tls_postgres_and_pgcrypto(
             stacks.applier, stacks.applied[stack], domain, "GET", "/health"
         )
         assert (status, health) == (200, {"status": "ok"}), stack
+
+
+def published_port(stacks: Stacks, stack: str, service: str, internal: int) -> int:
+    applied = stacks.applied[stack]
+    for port in applied.inputs[f"rag-{stack}-{service}"]["ports"]:
+        if int(port["internal"]) == internal:
+            return applied.host_ports[int(port["external"])]
+    raise KeyError(f"{service} publishes no port {internal}")
+
+
+def prometheus_query(port: int, query: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        body = json.loads(reply.read())
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def test_the_scheduler_backup_is_verified_and_its_metric_reaches_prometheus(
+    stacks: Stacks,
+) -> None:
+    """The scheduler, started with no backup yet, catches up on the missed run at once
+    (a backup due since the last scheduled time); Prometheus sees its metric through
+    node_exporter's textfile collector, over the declared networks."""
+    port = published_port(stacks, "staging", "prometheus", 9090)
+    deadline = time.monotonic() + SCHEDULED_BACKUP_TIMEOUT_S
+    while not (found := prometheus_query(port, "rag_backup_last_success_timestamp_seconds")):
+        assert time.monotonic() < deadline, "no rag_backup_last_success_timestamp_seconds"
+        time.sleep(5)
+    assert {sample["metric"]["job"] for sample in found} == {"node-exporter"}
+    backup = stacks.name("staging", "backup")
+    listing = stacks.applier.docker.run(
+        "exec", backup, "python3", "-m", "rag_backup", "resolve", "latest", timeout=60
+    )
+    done = stacks.applier.docker.call(
+        "exec", backup, "python3", "-m", "rag_backup", "verify", listing.strip(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    # Made by the scheduler (the only writer so far) before any test took a backup.
+    newest = max(float(sample["value"][1]) for sample in found)
+    assert newest > time.time() - SCHEDULED_BACKUP_TIMEOUT_S - 600
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,13 +102,15 @@ PRESENT = {"postgres": "present", "redis": "present", "chroma": "present"}
 ABSENT = {"postgres": "absent", "redis": "absent", "chroma": "absent"}
 
 
-def take_backup(stacks: Stacks, stack: str) -> None:
-    """What an operator runs for a backup now: the job's own command in its container."""
+def take_backup(stacks: Stacks, stack: str) -> str:
+    """What an operator runs for a backup now: the job's own command in its container;
+    the new backup's id."""
     done = stacks.applier.docker.call(
         "exec", stacks.name(stack, "backup"), "python3", "-m", "rag_backup", "backup", "--verify",
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    return done.stdout.decode().split()[-1]
 
 
 def restore_stack(stacks: Stacks, *args: str) -> subprocess.CompletedProcess[str]:
@@ -118,3 +168,34 @@ def test_restore_staging_from_prod_brings_prods_data_and_only_its_passphrase(
     # Prod untouched: still healthy, its data still there.
     assert all_healthy(stacks, "prod") == prod_state
     assert marker(stacks, "prod", "GET", "from-prod") == PRESENT
+
+
+def wait_all_healthy(stacks: Stacks, stack: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while set((states := all_healthy(stacks, stack)).values()) != {"healthy"}:
+        assert time.monotonic() < deadline, states
+        time.sleep(3)
+
+
+def test_a_restore_that_fails_midway_leaves_every_store_as_it_was_and_services_running(
+    stacks: Stacks,
+) -> None:
+    backup_id = take_backup(stacks, "staging")
+    assert marker(stacks, "staging", "PUT", "newer-than-backup") == PRESENT
+    # An earlier restore's kept cluster under the name this restore needs: rag-backup
+    # refuses after the script has stopped the services (midway for the stack).
+    postgres = stacks.name("staging", "postgres")
+    env = stacks.applier.docker.inspect("container", postgres)["Config"]["Env"]
+    pgdata = next(e.split("=", 1)[1] for e in env if e.startswith("PGDATA="))
+    blocker = f"{pgdata}.pre-restore-{backup_id}"
+    stacks.applier.docker.run("exec", "--user", "postgres", postgres, "mkdir", blocker)
+    try:
+        done = restore_stack(stacks, "staging", "--yes")
+        assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+        assert f"restore of {backup_id} failed" in done.stderr
+        for service in ("postgres", "redis", "api", "backup"):
+            assert f"{stacks.name('staging', service)}: running" in done.stderr, done.stderr
+        wait_all_healthy(stacks, "staging")
+        assert marker(stacks, "staging", "GET", "newer-than-backup") == PRESENT
+    finally:
+        stacks.applier.docker.call("exec", "--user", "postgres", postgres, "rmdir", blocker)
