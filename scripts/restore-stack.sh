@@ -16,9 +16,10 @@
 # scheduler and Redis; (3) rag-backup restore of that id in a one-off container with the
 # stack's volumes — all-or-nothing: it checks and stages every store beside the live data
 # before the first swap and undoes its swaps if one fails; (4) give the files back to the
-# services' users; (5) start what was stopped; wait until healthy. If any step after the
-# stop fails, everything stopped is started again, each service's state is printed and
-# the exit code is 1.
+# services' users; (5) start what was stopped — PostgreSQL first, then the stack's own
+# migration job (this stack's roles and passwords, not the backup's) — and wait until
+# healthy. If any step after the stop fails, everything stopped is started again, each
+# service's state is printed and the exit code is 1.
 # The backups are mounted read-only; what verify/restore must write (verification record,
 # lock, staging) goes to the stack's scratch volume (rag-backup --state-dir).
 # --from prod restores prod's backup into staging (tests a release on real data): prod's
@@ -180,17 +181,34 @@ docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN --cap-a
   --entrypoint sh "$image" -c "chown -R $redis_owner /redis-data && chown -R $chroma_owner /chroma" \
   || bring_back "giving the restored files back to their owners failed (the data is restored)"
 
-echo "restore-stack: starting ${start_order[*]}"
-for container in "${start_order[@]}"; do
-  docker start "$container" >/dev/null || bring_back "starting $container failed (the data is restored)"
-done
-for container in "${start_order[@]}"; do
-  state=""
+wait_healthy() { # container -> 0 once healthy (5 min at most); prints the last state
+  local state=""
   for _ in $(seq 1 60); do
-    state=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$container")
+    state=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1")
     [ "$state" = healthy ] && break
     sleep 5
   done
-  [ "$state" = healthy ] || bring_back "$container is $state after the restore; see docs/disaster_recovery.md (rollback)"
+  echo "$state"
+  [ "$state" = healthy ]
+}
+
+echo "restore-stack: starting ${start_order[*]}"
+postgres_container=$(n "$stack" postgres)
+migrate_container=$(n "$stack" postgres-migrate)
+for container in "${start_order[@]}"; do
+  docker start "$container" >/dev/null || bring_back "starting $container failed (the data is restored)"
+  if [ "$container" = "$postgres_container" ]; then
+    # The restored cluster has the roles and passwords of the time (and stack) it was
+    # backed up from: the stack's own migration job, which every deploy runs, makes them
+    # this stack's again before any client connects.
+    state=$(wait_healthy "$postgres_container") || bring_back "$postgres_container is $state after the restore (the data is restored)"
+    if docker inspect "$migrate_container" >/dev/null 2>&1; then
+      code=$(docker start --attach "$migrate_container" >&2; docker inspect --format '{{.State.ExitCode}}' "$migrate_container")
+      [ "$code" = 0 ] || bring_back "$migrate_container exited $code (the data is restored; roles not updated)"
+    fi
+  fi
+done
+for container in "${start_order[@]}"; do
+  state=$(wait_healthy "$container") || bring_back "$container is $state after the restore; see docs/disaster_recovery.md (rollback)"
 done
 echo "restore-stack: $stack restored from $source_stack's backup $resolved and healthy"

@@ -31,6 +31,7 @@ case "$1 $*" in
     echo BACKUP_DIR=/backups ;;
   *"{{.Config.User}}"*) echo 1000:1000 ;;
   *"{{.State.Health.Status}}"*) echo healthy ;;
+  *"{{.State.ExitCode}}"*) echo 0 ;;
   *"-c %u:%g"*) echo 999:1000 ;;
 esac
 if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit 1; fi
@@ -96,6 +97,13 @@ def test_verify_first_then_stop_then_restore_then_start(tmp_path: Path) -> None:
     assert "--pg-mode physical --pg-data-dir /pg/pgdata" in calls[restore]
     assert "source=rag-S-postgres-data,target=/pg" in calls[restore]
     assert index(calls, "start rag-staging-postgres") < index(calls, "start rag-staging-api")
+    # The stack's own roles and passwords again before any client connects.
+    migrate = index(calls, "start --attach rag-staging-postgres-migrate")
+    assert (
+        index(calls, "start rag-staging-postgres")
+        < migrate
+        < index(calls, "start rag-staging-redis")
+    )
     # Ownership goes back to the services' users before they start again.
     chown = index(calls, "chown -R 999:1000 /redis-data")
     assert restore < chown < start_redis
