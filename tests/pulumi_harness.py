@@ -14,7 +14,7 @@ import ipaddress
 import runpy
 import secrets
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,17 +209,31 @@ class TlsMaterial:
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, stack: str, exit_codes: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        stack: str,
+        exit_codes: Mapping[str, int] | None = None,
+        previous: list[Recorded] | None = None,
+        replace: Collection[str] = (),
+    ) -> None:
         self.stack = stack
         # container name -> exit code the "engine" reports for that one-shot container
         self.exit_codes = dict(exit_codes or {})
         self.resources: list[Recorded] = []
         self.generated_secrets: list[str] = []
+        # A second `pulumi up`: a resource whose inputs did not change keeps its outputs
+        # (state), unless it is replaced on purpose (`pulumi up --replace`, a renewal).
+        self.previous = {(r.typ, r.name): r for r in previous or []}
+        self.replace = set(replace)
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         inputs = reveal(args.inputs)
         state: dict[str, Any] = dict(inputs)
         typ = args.typ
+        before = self.previous.get((typ, args.name))
+        if before is not None and args.name not in self.replace and before.inputs == inputs:
+            self.resources.append(Recorded(typ, args.name, args.inputs, before.state))
+            return f"{args.name}-id", before.state
         if typ == "tls:index/privateKey:PrivateKey":
             state = TlsMaterial.private_key(inputs)
             self.generated_secrets.append(state["privateKeyPem"])
@@ -316,11 +330,15 @@ def run_program(
     config: Mapping[str, str] | None = None,
     secret_keys: set[str] | None = None,
     exit_codes: Mapping[str, int] | None = None,
+    previous: ProgramRun | None = None,
+    replace: Collection[str] = (),
 ) -> ProgramRun:
-    """Run __main__.py for ``stack`` under mocks; return what it declared and exported."""
+    """Run __main__.py for ``stack`` under mocks; return what it declared and exported.
+    With ``previous``: a later `pulumi up` of that state (unchanged resources keep their
+    outputs; ``replace`` names logical resources made anew, e.g. a renewed certificate)."""
     config = dict(stack_config(stack) if config is None else config)
     secret_keys = SECRET_KEYS if secret_keys is None else secret_keys
-    mocks = RecordingMocks(stack, exit_codes)
+    mocks = RecordingMocks(stack, exit_codes, previous.resources if previous else None, replace)
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
     pulumi.runtime.set_all_config(
         {f"{PROJECT}:{k}": v for k, v in config.items()},

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -69,6 +70,7 @@ NO_ENGINE_OBJECT = ("tls:", "random:", "personal-rag:")
 HARNESS_INPUTS = {"labels", "healthcheck", "mustRun", "attach", "wait", "waitTimeout"}
 VOLUME_INPUTS = {"name", "labels"}
 ATTACH_TIMEOUT_S = 300.0
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 POLL_S = 1.0
 
 
@@ -208,6 +210,11 @@ class StackApplier:
 
     # --- images --------------------------------------------------------------------
     def local_image(self, run: ProgramRun, ref: str) -> str:
+        if IMAGE_ID.fullmatch(ref):
+            # Already an image of this engine (localImageId, `up.sh --demo`): as declared.
+            if not self.docker.exists("image", ref):
+                raise ApplyError(f"image id {ref} is not an image of this engine")
+            return ref
         for image in run.of_type(IMAGE):
             if image.inputs["imageName"] == ref:
                 return self.images.declared_build(image.inputs)
@@ -360,18 +367,57 @@ class StackApplier:
             self.wait_healthy(name, deadline)
         return applied
 
-    def replace_container(
-        self, run: ProgramRun, declared_name: str, applied: Applied
-    ) -> tuple[str, float]:
-        """delete-before-replace of one container with ``run``'s declaration; returns the
-        engine name and the deadline for its health (when it waits)."""
-        record = run.containers[declared_name]
-        name = applied.containers[declared_name]
-        self.docker.run("rm", "-f", name, timeout=60)
-        self.objects.containers.remove(name)
-        self.apply_container(run, record, applied)
-        timeout = float(record.inputs.get("waitTimeout") or 60)
-        return name, time.monotonic() + timeout
+    def update(self, old: ProgramRun, new: ProgramRun, applied: Applied) -> list[str]:
+        """A later `pulumi up`: every container whose declaration changed is replaced,
+        the old one deleted first (the program declares delete-before-replace: names
+        are fixed), in registration order, each after its dependencies are done;
+        everything else is left running. The replaced containers' declared names."""
+        for typ in (NETWORK, VOLUME, IMAGE):
+            before = {r.name: r.inputs for r in old.of_type(typ)}
+            after = {r.name: r.inputs for r in new.of_type(typ)}
+            if before != after:
+                raise ApplyError(f"{typ} declarations changed; update applies containers only")
+        changed = changed_containers(old, new)
+        done: dict[str, Callable[[], None]] = {}
+        pending: list[tuple[str, float]] = []
+        for record in new.resources:
+            if record.typ != CONTAINER or record.name not in changed:
+                continue
+            for dep in self.dependencies(new, record):
+                if dep.name in done:
+                    done[dep.name]()
+            name = applied.containers[record.inputs["name"]]
+            self.docker.run("rm", "-f", "-v", name, timeout=60)
+            self.objects.containers.remove(name)
+            self.apply_container(new, record, applied)
+            if record.inputs.get("wait"):
+                deadline = time.monotonic() + float(record.inputs.get("waitTimeout") or 60)
+                pending.append((name, deadline))
+                done[record.name] = functools.partial(self.wait_healthy, name, deadline)
+        for name, deadline in pending:
+            self.wait_healthy(name, deadline)
+        return [r.inputs["name"] for r in new.resources if r.name in changed]
+
+
+def changed_containers(old: ProgramRun, new: ProgramRun) -> set[str]:
+    """Logical names of the containers a `pulumi up` from ``old`` to ``new`` replaces: any
+    input differs (the provider replaces a container on every input change) or the
+    declared ``replacement_trigger`` changed."""
+    before = {r.name: r for r in old.of_type(CONTAINER)}
+    changed = set()
+    for record in new.of_type(CONTAINER):
+        previous = before.get(record.name)
+        if previous is None:
+            raise ApplyError(f"{record.name} is new; update replaces existing containers only")
+        old_trigger = getattr(
+            old.options.get((CONTAINER, record.name)), "replacement_trigger", None
+        )
+        new_trigger = getattr(
+            new.options.get((CONTAINER, record.name)), "replacement_trigger", None
+        )
+        if previous.inputs != record.inputs or old_trigger != new_trigger:
+            changed.add(record.name)
+    return changed
 
 
 def run_parallel(tasks: Sequence[Callable[[], Any]]) -> list[Any]:

@@ -81,6 +81,10 @@ class Stacks:
         return self.applied[stack].containers[f"rag-{stack}-{service}"]
 
 
+def image_id(docker: DockerCli, image: str) -> str:
+    return docker.run("image", "inspect", "--format", "{{.Id}}", image)
+
+
 @pytest.fixture(scope="module")
 def stacks(
     docker_cli: DockerCli,  # noqa: F811
@@ -88,7 +92,9 @@ def stacks(
 ) -> Iterator[Stacks]:
     applier, objects = _applier(docker_cli, local_images)
     try:
-        runs = {stack: stack_run(stack) for stack in STACKS}
+        # The api is the demo app deployed by its digest, as `up.sh STACK --demo` does.
+        demo = image_id(docker_cli, local_images.app())
+        runs = {stack: stack_run(stack, localImageId=demo) for stack in STACKS}
         applied = run_parallel([functools.partial(applier.apply, runs[s]) for s in STACKS])
         yield Stacks(applier, runs, dict(zip(STACKS, applied, strict=True)))
     finally:

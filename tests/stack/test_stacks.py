@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.stack.conftest import Stacks
+from tests.pulumi_harness import TEST_SECRETS, run_program, stack_config
+from tests.stack.conftest import Stacks, image_id
 from tests.stack.probes import caddy_request
 from tests.tooling import require_tool
 
@@ -162,7 +163,12 @@ def test_restore_staging_from_prod_brings_prods_data_and_only_its_passphrase(
     done = restore_stack(stacks, "staging", "--from", "prod", "--yes")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    assert marker(stacks, "staging", "GET", "from-prod") == PRESENT
+    # Prod's rows, Redis keys and Chroma files; the rows' pgcrypto columns stay sealed
+    # with prod's data key, which staging does not get (only the backup passphrase).
+    assert marker(stacks, "staging", "GET", "from-prod") == {
+        **PRESENT,
+        "postgres": "sealed with another key",
+    }
     assert marker(stacks, "staging", "GET", "staging-only") == ABSENT
     assert set(all_healthy(stacks, "staging").values()) == {"healthy"}
     # Prod untouched: still healthy, its data still there.
@@ -199,3 +205,106 @@ def test_a_restore_that_fails_midway_leaves_every_store_as_it_was_and_services_r
         assert marker(stacks, "staging", "GET", "newer-than-backup") == PRESENT
     finally:
         stacks.applier.docker.call("exec", "--user", "postgres", postgres, "rmdir", blocker)
+
+
+def container_ids(stacks: Stacks) -> dict[str, str]:
+    """Engine name -> container id, for every container of both stacks."""
+    return {
+        name: stacks.applier.docker.inspect("container", name)["Id"]
+        for applied in stacks.applied.values()
+        for name in applied.containers.values()
+    }
+
+
+def release_of(stacks: Stacks, base: str, release: str) -> str:
+    """A new release of the app: the same app, another image (another digest)."""
+    tag = f"{base}-release-{release}"
+    if not stacks.applier.docker.exists("image", tag):
+        dockerfile = f"FROM {base}\nLABEL personal-rag.test-release={release}\n"
+        stacks.applier.docker.run(
+            "build", "-q", "--label", "rag-test.local-image=1", "-t", tag, "-",
+            input_bytes=dockerfile.encode(), timeout=300,
+        )  # fmt: skip
+    return image_id(stacks.applier.docker, tag)
+
+
+def redeploy(stacks: Stacks, stack: str, **changes: Any) -> list[str]:
+    """`pulumi up` of ``stack`` again with changed config (and ``replace``: logical
+    resources made anew); the replaced containers."""
+    replace = changes.pop("replace", ())
+    old = stacks.runs[stack]
+    config = {k: v for k, v in old.config.items() if k not in TEST_SECRETS}
+    new = run_program(
+        stack, stack_config(stack, **{**config, **changes}), previous=old, replace=replace
+    )
+    replaced = stacks.applier.update(old, new, stacks.applied[stack])
+    stacks.runs[stack] = new
+    return replaced
+
+
+def test_an_upgrade_replaces_the_api_and_restarts_only_a_changed_configs_consumer(
+    stacks: Stacks,
+) -> None:
+    assert marker(stacks, "staging", "PUT", "survives-upgrade") == PRESENT
+    before = container_ids(stacks)
+    new_image = release_of(stacks, stacks.applier.app_image, "2")
+    assert new_image != stacks.runs["staging"].config["localImageId"]
+
+    replaced = redeploy(stacks, "staging", localImageId=new_image, smtpFrom="alerts-v2@example.com")
+
+    n = "rag-staging-"
+    assert set(replaced) == {
+        f"{n}api-config-init", f"{n}api",  # the new digest (its config copy runs in it)
+        f"{n}alertmanager-config-init", f"{n}alertmanager",  # the one changed config file
+        f"{n}postgres-migrate",  # declared to run on every deploy
+    }  # fmt: skip
+    after = container_ids(stacks)
+    for name, container_id in before.items():
+        declared = next(
+            d for a in stacks.applied.values() for d, e in a.containers.items() if e == name
+        )
+        assert (container_id != after[name]) == (declared in replaced), declared
+    api = stacks.applier.docker.inspect("container", stacks.name("staging", "api"))
+    assert api["Image"] == new_image
+    wait_all_healthy(stacks, "staging")
+    assert marker(stacks, "staging", "GET", "survives-upgrade") == PRESENT
+    domain = stacks.runs["staging"].config["domain"]
+    status, deps = caddy_request(stacks.applier, stacks.applied["staging"], domain, "GET", "/deps")
+    assert status == 200, deps
+
+
+def test_renewed_redis_certificates_restart_redis_and_its_clients_which_reconnect(
+    stacks: Stacks,
+) -> None:
+    run = stacks.runs["staging"]
+    ca_certs = [r.name for r in run.of_type("tls:index/selfSignedCert:SelfSignedCert")]
+    assert ca_certs, "the program declares no CA certificate"
+    before = {
+        s: stacks.applier.docker.run(
+            "exec", stacks.name("staging", s), "cat", "/etc/rag/tls/ca.crt"
+        )
+        for s in ("redis", "api")
+    }
+
+    replaced = redeploy(stacks, "staging", replace=set(ca_certs))
+
+    n = "rag-staging-"
+    consumers = {"redis", "api", "redis-exporter", "backup"}
+    assert set(replaced) == {
+        *(f"{n}{s}" for s in consumers),
+        *(f"{n}{s}-config-init" for s in consumers),
+        f"{n}postgres-migrate",
+    }
+    after = {
+        s: stacks.applier.docker.run(
+            "exec", stacks.name("staging", s), "cat", "/etc/rag/tls/ca.crt"
+        )
+        for s in ("redis", "api")
+    }
+    assert after["redis"] == after["api"] and after["redis"] != before["redis"]
+    wait_all_healthy(stacks, "staging")
+    domain = run.config["domain"]
+    status, deps = caddy_request(stacks.applier, stacks.applied["staging"], domain, "GET", "/deps")
+    assert (status, deps["redis"]) == (200, "ok (tls)"), deps
+    assert marker(stacks, "staging", "GET", "survives-upgrade") == PRESENT
+    take_backup(stacks, "staging")  # the backup job reaches Redis with its new certificate

@@ -129,12 +129,20 @@ def delete_marker(name: str) -> dict[str, str]:
 def read_marker(name: str) -> dict[str, str]:
     found: dict[str, str] = {}
     try:
-        with psycopg.connect("", connect_timeout=5) as conn:
-            row = conn.execute(
-                "select pgp_sym_decrypt(sealed, %(k)s) from markers where name = %(n)s",
-                {"n": name, "k": data_key()},
-            ).fetchone()
-        found["postgres"] = "present" if row and row[0] == name else "absent"
+        with psycopg.connect("", connect_timeout=5, autocommit=True) as conn:
+            row = conn.execute("select sealed from markers where name = %(n)s", {"n": name})
+            sealed = row.fetchone()
+            if sealed is None:
+                found["postgres"] = "absent"
+            else:
+                try:
+                    opened = conn.execute(
+                        "select pgp_sym_decrypt(%(s)s, %(k)s)", {"s": sealed[0], "k": data_key()}
+                    ).fetchone()
+                    found["postgres"] = "present" if opened and opened[0] == name else "altered"
+                except psycopg.errors.ExternalRoutineInvocationException:
+                    # pgcrypto: "Wrong key or corrupt data" (e.g. another stack's rows).
+                    found["postgres"] = "sealed with another key"
     except psycopg.errors.UndefinedTable:
         found["postgres"] = "absent"
     client = redis_client()
