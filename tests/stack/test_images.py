@@ -71,3 +71,23 @@ def test_postgres_entrypoint_initializes_from_files_and_initdb_scripts(
     data_dir = "/var/lib/postgresql/data"
     owner = docker_cli.run("exec", container_name, "stat", "-c", "%u:%g %a", data_dir)
     assert owner == "999:999 700"
+
+
+@pytest.mark.parametrize("user", ["0:0", "redis"])
+def test_redis_entrypoint_runs_the_server_as_redis_in_data(
+    docker_cli: DockerCli, local_images: LocalImages, container_name: str, user: str
+) -> None:
+    docker_cli.run(
+        "run", "-d", "--name", container_name, "--user", user, "--network", "none",
+        local_images.recipe("redis"), "--appendonly", "yes",
+    )  # fmt: skip
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while docker_cli.call("exec", container_name, "redis-cli", "ping").stdout.strip() != b"PONG":
+        assert time.monotonic() < deadline, docker_cli.call("logs", container_name).stdout
+        time.sleep(0.5)
+    # A flag first means redis-server; as root it dropped to redis (999:1000) in /data.
+    assert docker_cli.run("exec", container_name, "stat", "-c", "%u:%g", "/proc/1") == "999:1000"
+    working_dir = docker_cli.run("exec", container_name, "redis-cli", "config", "get", "dir")
+    assert working_dir.split() == ["dir", "/data"]
+    owners = docker_cli.run("exec", container_name, "sh", "-c", "stat -c %u:%g /data/*")
+    assert set(owners.split()) == {"999:1000"}, owners
