@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from rag_backup import __version__, metrics, ops, redis_ops, wal
+from rag_backup import __version__, metrics, offsite, ops, redis_ops, wal
 from rag_backup.crypto import CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import find_server_bin_dir
@@ -467,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get(RETENTION_ENV[period], str(default)),
         )
     prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    offsite.add_offsite_parser(sub, _add_common, _add_metrics, _positive_int)
     return parser
 
 
@@ -697,6 +698,7 @@ COMMANDS = {
     "drill": _cmd_drill,
     "wal-archive": _cmd_wal_archive,
     "prune": _cmd_prune,
+    "offsite": offsite.cmd_offsite,
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from rag_backup import __version__, chroma, metrics, pg, redis_ops
+from rag_backup import __version__, chroma, metrics, pg, redis_ops, wal
 from rag_backup import physical as physical_mod
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
@@ -563,4 +563,17 @@ def prune(store: BackupStore, policy: RetentionPolicy, dry_run: bool) -> list[st
                 os.rename(entry.path, doomed)
                 shutil.rmtree(doomed)
             removed.append(entry.backup_id)
+        _prune_wal(store, [e for e in entries if e.backup_id not in removed], dry_run)
         return removed
+
+
+def _prune_wal(store: BackupStore, kept: list[BackupEntry], dry_run: bool) -> None:
+    """Archived WAL older than the oldest kept base backup serves no restore; without any
+    kept base backup nothing is deleted."""
+    starts = [e.created_unix for e in kept if not e.future and "physical" in e.pg_forms]
+    if not starts:
+        return
+    gone = wal.prune_segments(store, min(starts), dry_run)
+    if gone:
+        verb = "would delete" if dry_run else "deleted"
+        log(f"wal: {verb} {len(gone)} archived segment(s) older than the oldest base backup")

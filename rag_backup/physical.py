@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -269,6 +269,7 @@ def check_pitr_cluster(
     jobs: int,
     recovery: tuple[str, ...],
     timeout_s: float = 3600,
+    probe: Callable[[pg.PostgresSettings], None] | None = None,
 ) -> dict[str, int]:
     """Start a private postgres on the extracted copy in archive recovery (``recovery``:
     restore_command and target), wait until it has reached the target and promoted, count
@@ -292,6 +293,8 @@ def check_pitr_cluster(
             time.sleep(0.2)
         settings = pg.PostgresSettings(database, server.settings.libpq_env, jobs, None)
         counts = pg.row_counts(settings, database)
+        if probe is not None:
+            probe(settings)
         server.stop_checked()
     finally:
         server.stop()

@@ -244,7 +244,7 @@ def run_drill(cfg: DrillConfig, progress: Progress) -> float:
         cfg.cipher.validate(need_encrypt=False, need_decrypt=True)
         log(f"drill: restoring backup {entry.backup_id} into throwaway instances")
         started = time.monotonic()
-        drills = drills_for(entry)
+        drills = drills_for(entry, cfg.store)
         # Both 0700: the work dir is this process's; each private PostgreSQL gets its own
         # directory beside it, owned by the postgres user when we are root.
         work = Path(tempfile.mkdtemp(prefix="rag-drill-", dir=cfg.work_dir))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -263,6 +264,73 @@ def drill_postgres_physical(ctx: DrillContext) -> None:
             where="postgres (physical)",
         )
         log(f"drill: postgres physical ok ({len(counts)} tables, {sum(counts.values())} rows)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def drill_postgres_pitr(ctx: DrillContext) -> None:
+    """Point-in-time recovery of the base backup to a random time between two WAL archive
+    cycles after it: the earlier cycle's marker transaction must be committed in the
+    recovered copy, the later one's must not exist."""
+    entry, component = ctx.entry, ctx.entry.manifest["components"]["postgres"]
+    window = wal.drill_window(ctx.cfg.store, backup_end_time(entry))
+    # Not a secret: any time in the window will do, a different one each drill.
+    pick = random.randrange(len(window) - 1)  # noqa: S311
+    before, after = window[pick], window[pick + 1]
+    share = random.uniform(0.25, 0.75)  # noqa: S311
+    target = before["at"] + (after["at"] - before["at"]) * share
+    bin_dir = find_server_bin_dir(ctx.cfg.pg_bin_dir)
+    root = Path(tempfile.mkdtemp(prefix="rag-drill-pitr-", dir=ctx.server_root))
+    try:
+        data, segments = root / "data", root / "wal"
+        for directory in (data, segments):
+            directory.mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            for path in (root, data, segments):
+                shutil.chown(path, "postgres", "postgres")
+        item = artifact(entry, "postgres", PG_PHYSICAL_KIND)
+        with checked_plaintext(ctx.cipher, entry, item, "postgres") as stream:
+            physical.extract_with_tar(stream, data, run_as_owner_of(data))
+        wal.stage_segments(
+            ctx.cfg.store, ctx.cipher, wal.backup_start_segment(data), segments, ctx.progress
+        )
+        if os.geteuid() == 0:
+            for path in segments.iterdir():
+                shutil.chown(path, "postgres", "postgres")
+
+        def status_of(settings: pg.PostgresSettings, xid: int) -> str:
+            try:
+                return pg.psql_value(settings, f"SELECT txid_status({int(xid)})", "postgres")
+            except BackupError:
+                return "absent"  # "transaction ID ... is in the future": never replayed
+
+        def markers(settings: pg.PostgresSettings) -> None:
+            status = status_of(settings, before["xid"])
+            if status != "committed":
+                raise BackupError(
+                    f"postgres (PITR): the marker of {wal.describe_time(before['at'])} is "
+                    f"{status or 'missing'} after recovery to {wal.describe_time(target)}"
+                )
+            if status_of(settings, after["xid"]) == "committed":
+                raise BackupError(
+                    f"postgres (PITR): recovery to {wal.describe_time(target)} went past the "
+                    f"marker of {wal.describe_time(after['at'])}"
+                )
+
+        physical.check_pitr_cluster(
+            data,
+            bin_dir,
+            component,
+            ctx.server_root,
+            ctx.cfg.jobs,
+            (
+                f"restore_command=cp {segments}/%f %p",
+                "recovery_target_action=promote",
+                f"recovery_target_time={wal.recovery_time(target)}",
+            ),
+            probe=markers,
+        )
+        log(f"drill: postgres point-in-time recovery to {wal.describe_time(target)} ok")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -580,7 +648,9 @@ class PostgresPhysicalRestore(StoreRestore):
             recovery = [f"restore_command=cp {segments}/%f %p", "recovery_target_action=promote"]
             if self.cfg.pg_target_time is not None:
                 when = wal.describe_time(self.cfg.pg_target_time)
-                recovery.append(f"recovery_target_time={when}")
+                recovery.append(
+                    f"recovery_target_time={wal.recovery_time(self.cfg.pg_target_time)}"
+                )
                 goal = f"to {when}"
             else:
                 goal = "to the end of the archived WAL"
@@ -928,7 +998,18 @@ DRILL_STORES: tuple[type[StoreRestore], ...] = (
 )
 
 
-def drills_for(entry: BackupEntry) -> list[tuple[str, Callable[[DrillContext], None]]]:
+def drills_for(
+    entry: BackupEntry, store: BackupStore | None = None
+) -> list[tuple[str, Callable[[DrillContext], None]]]:
+    """Every artifact's drill; with a WAL archive of at least two cycles after a base
+    backup, also a point-in-time recovery into that window."""
+    pitr: list[tuple[str, Callable[[DrillContext], None]]] = []
+    if (
+        store is not None
+        and "physical" in entry.pg_forms
+        and len(wal.drill_window(store, backup_end_time(entry))) >= 2
+    ):
+        pitr = [("postgres (PITR)", drill_postgres_pitr)]
     present = {
         (name, item.get("kind"))
         for name, component in entry.manifest["components"].items()
@@ -938,7 +1019,7 @@ def drills_for(entry: BackupEntry) -> list[tuple[str, Callable[[DrillContext], N
         (f"{store.name} ({store.kind})", store.drill)
         for store in DRILL_STORES
         if (store.name, store.kind) in present
-    ]
+    ] + pitr
 
 
 def timed(timings: dict[str, float], name: str, task: Callable[[], None]) -> Callable[[], None]:

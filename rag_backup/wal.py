@@ -34,6 +34,7 @@ from typing import Any
 from rag_backup import metrics, pg
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
+from rag_backup.manifest import ARTIFACT_NAME
 from rag_backup.procs import run
 from rag_backup.progress import Progress, log
 from rag_backup.store import BackupStore, write_json_atomic
@@ -121,6 +122,11 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
             _receivewal(cfg, "--create-slot", "--if-not-exists", timeout=120)
             database = cfg.postgres.database
             switched_at = time.time()
+            # A commit stamped just after ``switched_at`` (txid_current() assigns an xid):
+            # recovery to any time up to ``covered_until`` then finds a later commit and
+            # reaches its target even on an idle database; its xid is the cycle's marker
+            # (the drill checks it is committed in a copy recovered past it, absent before).
+            marker = int(pg.psql_value(cfg.postgres, "SELECT txid_current()", database))
             pg.psql_value(cfg.postgres, "SELECT pg_switch_wal()", database)
             end_lsn = pg.psql_value(cfg.postgres, "SELECT pg_current_wal_lsn()", database)
             _receivewal(cfg, f"--endpos={end_lsn}", "--no-loop")
@@ -134,6 +140,8 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
                     path.unlink()
             index["covered_until"] = switched_at
             index["end_lsn"] = end_lsn
+            cycles = index.setdefault("cycles", [])
+            cycles.append({"at": switched_at, "xid": marker, "end_lsn": end_lsn})
             write_json_atomic(target / INDEX, index)
             success = True
     finally:
@@ -216,6 +224,34 @@ def _write_metrics(cfg: WalArchiveConfig, success: bool) -> None:
         log(f"warning: cannot write metrics to {cfg.metrics_dir}: {error.strerror}")
 
 
+def prune_segments(store: BackupStore, oldest_base_backup_start: float, dry_run: bool) -> list[str]:
+    """Delete archived segments no kept base backup can use: those archived before the
+    oldest kept base backup started (all their WAL precedes it). Returns their names."""
+    target = wal_dir(store)
+    if not (target / INDEX).exists():
+        return []
+    with _archive_lock(target):
+        index = read_index(store)
+        doomed = [
+            name
+            for name, record in sorted(index["segments"].items())
+            if float(record.get("archived_at", 0)) < oldest_base_backup_start
+        ]
+        if dry_run or not doomed:
+            return doomed
+        files = [str(index["segments"].pop(name).get("file", "")) for name in doomed]
+        index["cycles"] = [
+            c for c in index.get("cycles", []) if float(c.get("at", 0)) >= oldest_base_backup_start
+        ]
+        # The index first: a crash between the two leaves a stray file, never a listed
+        # segment that is gone.
+        write_json_atomic(target / INDEX, index)
+        for file in files:
+            if ARTIFACT_NAME.fullmatch(file):
+                (target / file).unlink(missing_ok=True)
+        return doomed
+
+
 # --------------------------------------------------------------------------- PITR
 
 
@@ -255,6 +291,26 @@ def stage_segments(
             copy_stream(stream, out, f"wal {name}", progress)
         count += 1
     return count
+
+
+def drill_window(store: BackupStore, backup_end: float) -> list[dict[str, Any]]:
+    """The archive cycles after ``backup_end``, oldest first (each: at, xid, end_lsn)."""
+    if not (wal_dir(store) / INDEX).exists():
+        return []
+    cycles = read_index(store).get("cycles", [])
+    return [
+        c
+        for c in cycles
+        if isinstance(c, dict)
+        and isinstance(c.get("at"), int | float)
+        and isinstance(c.get("xid"), int)
+        and c["at"] > backup_end
+    ]
+
+
+def recovery_time(unix: float) -> str:
+    """For recovery_target_time: microseconds kept (a truncated time would drop commits)."""
+    return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat(timespec="microseconds")
 
 
 def describe_time(unix: float) -> str:

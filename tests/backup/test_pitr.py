@@ -61,6 +61,24 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     assert [p.name for p in spool.iterdir() if p.stat().st_size > 0] == []  # no plaintext left
     assert index["covered_until"] > between
 
+    # The drill recovers the base backup to a random time between the two cycles after it:
+    # the earlier cycle's marker transaction is committed there, the later one's absent.
+    stack.pg.psql("INSERT INTO markers VALUES ('later')", database=DATABASE)
+    assert run_cli(["wal-archive"], stack.env).returncode == 0
+    index = json.loads((wal / "index.json").read_text())
+    drill = run_cli(["drill", backup.stdout.strip()], stack.env)
+    assert drill.returncode == 0, drill.stderr
+    assert "drill: postgres point-in-time recovery to" in drill.stderr
+    # The check bites: with the earlier marker pointing at the later transaction, the
+    # recovered copy does not have it.
+    tampered = json.loads(json.dumps(index))
+    tampered["cycles"][-2]["xid"] = tampered["cycles"][-1]["xid"]
+    (wal / "index.json").write_text(json.dumps(tampered))
+    bad = run_cli(["drill", backup.stdout.strip()], stack.env)
+    (wal / "index.json").write_text(json.dumps(index))
+    assert bad.returncode == 1
+    assert "postgres (PITR): the marker of" in bad.stderr, bad.stderr
+
     # Outside the archived range: refused with the range, nothing touched.
     stack.pg.shutdown()
     physical = ["--components", "postgres", "--pg-mode", "physical"]
@@ -76,7 +94,7 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     rows = stack.pg.psql("SELECT name FROM markers ORDER BY name", database=DATABASE)
     assert rows.split() == ["before"]
 
-    # To the end of the archive: both markers and the load.
+    # To the end of the archive: every marker and the load.
     stack.pg.shutdown()
     kept = stack.pg.data_dir.parent / f"{stack.pg.data_dir.name}.pre-restore-"
     for path in stack.pg.data_dir.parent.glob(kept.name + "*"):
@@ -85,4 +103,18 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     assert latest.returncode == 0, latest.stderr
     stack.pg.start_again()
     rows = stack.pg.psql("SELECT name FROM markers ORDER BY name", database=DATABASE)
-    assert rows.split() == ["after", "before"]
+    assert rows.split() == ["after", "before", "later"]
+
+    # Retention: once the older base backup is pruned, the WAL archived before the newer one
+    # started serves no restore and goes too; the newer backup's own WAL would stay.
+    newer = run_cli(["backup", "--pg-physical", "--components", "postgres"], stack.env)
+    assert newer.returncode == 0, newer.stderr
+    before = set(index["segments"])
+    pruned = run_cli(
+        ["prune", "--keep-daily", "1", "--keep-weekly", "0", "--keep-monthly", "0"], stack.env
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    assert "archived segment(s) older than the oldest base backup" in pruned.stderr
+    after = json.loads((wal / "index.json").read_text())["segments"]
+    assert set(after) < before
+    assert not [p for p in wal.glob("*.zst.gpg") if p.name[:24] not in after]

@@ -126,7 +126,9 @@ def test_age_encrypted_backup_verifies_and_names_a_wrong_identity(
     assert "wrong key" in wrong.stderr
 
 
-@pytest.mark.parametrize("command", ["backup", "verify", "list", "restore", "drill", "prune"])
+@pytest.mark.parametrize(
+    "command", ["backup", "verify", "list", "resolve", "restore", "drill", "prune", "wal-archive"]
+)
 def test_every_subcommand_has_help(command: str) -> None:
     result = run_cli([command, "--help"], {})
     assert result.returncode == 0

@@ -123,9 +123,21 @@ def test_verify_list_drill_restore_work_on_a_read_only_backup_dir(
         chroma_args = ["--components", "chroma", "--chroma-dir", str(live_chroma), "--yes"]
         restored = run_cli(["restore", backup_id, *chroma_args], env)
         assert restored.returncode == 0, restored.stderr
+        assert "has no .lock; taking the restore lock in" in restored.stderr
         assert chroma_rows(live_chroma) == chroma_rows(stack.chroma_dir)
+
+        # As prod's backup dir usually is: with the host's lock file. The restore locks it
+        # through a read-only descriptor (the host's backup/prune then wait for it).
+        (backups / ".lock").write_text("")
+        before.append(".lock")
+        again = tmp_path / "live-chroma-2"
+        chroma_args = ["--components", "chroma", "--chroma-dir", str(again), "--yes"]
+        restored = run_cli(["restore", backup_id, *chroma_args], env)
+        assert restored.returncode == 0, restored.stderr
+        assert "taking the restore lock" not in restored.stderr
+        assert chroma_rows(again) == chroma_rows(stack.chroma_dir)
     # Nothing was written into the backup directory.
-    assert sorted(str(p.relative_to(backups)) for p in backups.rglob("*")) == before
+    assert sorted(str(p.relative_to(backups)) for p in backups.rglob("*")) == sorted(before)
 
 
 # --------------------------------------------------------------------------- item 11

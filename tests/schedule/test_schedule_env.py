@@ -27,6 +27,7 @@ BAD_SETTINGS = [
     ("RAG_DRILL_TIME", "4h30"),
     ("RAG_DRILL_WEEKDAY", "funday"),
     ("RAG_BACKUP_PG_LOGICAL_WEEKDAY", "someday"),
+    ("RAG_BACKUP_WAL_ARCHIVE", "often"),
 ]
 
 

@@ -66,6 +66,12 @@ IMAGE = "docker:index/image:Image"
 CONTAINER = "docker:index/container:Container"
 # Resources that make no engine object (keys, certificates, passwords, components).
 NO_ENGINE_OBJECT = ("tls:", "random:", "personal-rag:")
+# Resources with an effect outside the engine, not applied here, each with the reason
+# (recorded in Applied.deviations and printed, never skipped silently).
+NOT_APPLIED_HERE = {
+    "command:local:Command": "a command on the host itself (the host firewall changes the "
+    "machine's iptables; tests/docker proves its rules), not an engine object",
+}
 # Inputs applied here on top of the translator's.
 HARNESS_INPUTS = {"labels", "healthcheck", "mustRun", "attach", "wait", "waitTimeout"}
 VOLUME_INPUTS = {"name", "labels"}
@@ -314,6 +320,12 @@ class StackApplier:
         applied = Applied(run.stack)
         for record in run.resources:
             if record.typ.startswith(NO_ENGINE_OBJECT) or record.typ in (CONTAINER, IMAGE):
+                continue
+            if record.typ in NOT_APPLIED_HERE:
+                applied.deviations.append(
+                    f"{record.name} not applied: {NOT_APPLIED_HERE[record.typ]}"
+                )
+                print(f"[tests/stack] deviation: {applied.deviations[-1]}", file=sys.__stderr__)
                 continue
             if record.typ == NETWORK:
                 plan = plan_network(record.inputs, self.rename)

@@ -14,6 +14,7 @@ import functools
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -39,8 +40,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def stack_run(stack: str, **overrides: str | None) -> ProgramRun:
-    return run_program(stack, stack_config(stack, **{**STACK_OVERRIDES[stack], **overrides}))
+def stack_run(
+    stack: str, provider_state: dict[str, dict[str, Any]] | None = None, **overrides: str | None
+) -> ProgramRun:
+    config = stack_config(stack, **{**STACK_OVERRIDES[stack], **overrides})
+    return run_program(stack, config, provider_state=provider_state)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +79,8 @@ class Stacks:
     applier: StackApplier
     runs: dict[str, ProgramRun]
     applied: dict[str, Applied]
+    # Per stack, the provider state a later `pulumi up` starts from (generated values).
+    states: dict[str, dict[str, dict[str, Any]]]
 
     def name(self, stack: str, service: str) -> str:
         """Engine name of the declared container rag-<stack>-<service>."""
@@ -94,9 +100,10 @@ def stacks(
     try:
         # The api is the demo app deployed by its digest, as `up.sh STACK --demo` does.
         demo = image_id(docker_cli, local_images.app())
-        runs = {stack: stack_run(stack, localImageId=demo) for stack in STACKS}
+        states: dict[str, dict[str, dict[str, Any]]] = {stack: {} for stack in STACKS}
+        runs = {s: stack_run(s, states[s], localImageId=demo) for s in STACKS}
         applied = run_parallel([functools.partial(applier.apply, runs[s]) for s in STACKS])
-        yield Stacks(applier, runs, dict(zip(STACKS, applied, strict=True)))
+        yield Stacks(applier, runs, dict(zip(STACKS, applied, strict=True)), states)
     finally:
         errors = objects.remove_all()
         release_host_binds()

@@ -229,14 +229,16 @@ def release_of(stacks: Stacks, base: str, release: str) -> str:
 
 
 def redeploy(stacks: Stacks, stack: str, **changes: Any) -> list[str]:
-    """`pulumi up` of ``stack`` again with changed config (and ``replace``: logical
-    resources made anew); the replaced containers."""
-    replace = changes.pop("replace", ())
+    """`pulumi up` of ``stack`` again, from its provider state, with changed config (and
+    ``replace``: logical resources made anew, as a renewal or `--replace` does); the
+    replaced containers."""
+    replace = set(changes.pop("replace", ()))
+    state = stacks.states[stack]
+    for key in [k for k in state if json.loads(k)[1] in replace]:
+        del state[key]
     old = stacks.runs[stack]
     config = {k: v for k, v in old.config.items() if k not in TEST_SECRETS}
-    new = run_program(
-        stack, stack_config(stack, **{**config, **changes}), previous=old, replace=replace
-    )
+    new = run_program(stack, stack_config(stack, **{**config, **changes}), provider_state=state)
     replaced = stacks.applier.update(old, new, stacks.applied[stack])
     stacks.runs[stack] = new
     return replaced
