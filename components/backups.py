@@ -74,22 +74,30 @@ def wal_archive_env(schedule: BackupSettings) -> dict[str, str]:
     return {"RAG_BACKUP_WAL_ARCHIVE": "1", "RAG_BACKUP_WAL_SPOOL_DIR": WAL_SPOOL_DIR}
 
 
-def backup_build_args() -> dict[str, str]:
-    """The base images (components/images.py) and PostgreSQL's major version."""
+# The job's writable mount points: the image creates them owned by the job's user.
+MOUNT_POINTS = (BACKUP_DIR, SCRATCH_DIR, TEXTFILE_DIR)
+
+
+def backup_build_args(owner: str) -> dict[str, str]:
+    """The base images (components/images.py), PostgreSQL's major version, and the job's
+    user and mount points: Docker copies an image directory's owner onto an empty named
+    volume at a container's first mount, so the image's mount points must be the job's."""
     return {
         "POSTGRES_IMAGE": image("postgres"),
         "REDIS_IMAGE": image("redis-debian"),
         "POSTGRES_MAJOR": str(POSTGRES_MAJOR),
+        "BACKUP_USER": owner,
+        "BACKUP_MOUNT_POINTS": " ".join(MOUNT_POINTS),
     }
 
 
-def backup_image_tag() -> str:
+def backup_image_tag(build_args: dict[str, str]) -> str:
     """Content hash of what goes into the image: a change rebuilds, nothing else does."""
     digest = hashlib.sha256()
     files = [REPO / DOCKERFILE, *sorted((REPO / "rag_backup").rglob("*.py"))]
     for path in files:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
-    for key, value in sorted(backup_build_args().items()):
+    for key, value in sorted(build_args.items()):
         digest.update(f"{key}={value}\0".encode())
     return digest.hexdigest()[:16]
 
@@ -116,16 +124,19 @@ class Backups(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         schedule = cfg.backup
 
+        # The job runs as the api's user so it can read Chroma's files.
+        owner = cfg.app.user
+        build_args = backup_build_args(owner)
         image = docker.Image(
             n("backup-image"),
-            image_name=f"{BACKUP_IMAGE_REPOSITORY}:{backup_image_tag()}",
+            image_name=f"{BACKUP_IMAGE_REPOSITORY}:{backup_image_tag(build_args)}",
             build=docker.DockerBuildArgs(
                 context=str(REPO),
                 dockerfile=str(REPO / DOCKERFILE),
                 platform="linux/amd64",
                 args={
                     key: image_by_digest(value, self) if key.endswith("_IMAGE") else value
-                    for key, value in backup_build_args().items()
+                    for key, value in build_args.items()
                 },
             ),
             skip_push=True,
@@ -142,16 +153,15 @@ class Backups(pulumi.ComponentResource):
         scratch = stack_volume(n("backup-scratch"), self, "scratch", holds_data=False)
         textfile = args.monitoring.textfile_volume
 
-        # The job runs as the api's user so it can read Chroma's files; this one-shot
-        # root step (CHOWN only) hands it the directories it writes.
-        owner = cfg.app.user
+        # A one-shot root step (CHOWN only) hands the job the directories it writes where
+        # the image's owner does not reach: a bind mount, a volume that already has files.
         volume_init = hardened_container(
             n("backup-volume-init"),
             ServiceSpec(
                 service="backup-volume-init",
                 image=image.image_name,
                 entrypoint=["/bin/sh", "-c"],
-                command=[f"chown {owner} {BACKUP_DIR} {SCRATCH_DIR} {TEXTFILE_DIR}"],
+                command=[f"chown {owner} {' '.join(MOUNT_POINTS)}"],
                 user="0:0",
                 capabilities=["CHOWN"],
                 mounts=[

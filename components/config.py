@@ -152,6 +152,9 @@ class ImageSettings:
     build_context: str | None
     ghcr_username: str | None
     ghcr_token: Secret | None
+    # An image built on the Docker host itself (the demo app, `up.sh --demo`), run by its
+    # content digest (Docker's image id): no registry involved.
+    local_image_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "imageTag": (_REQUIRED, False),
     "imageDigest": (None, False),
     "buildContext": (None, False),
+    "localImageId": (None, False),
     "ghcrUsername": (None, False),
     "ghcrToken": (None, True),
     "portOffset": (None, False),
@@ -508,6 +512,12 @@ def _parse_image(c: _Collector) -> ImageSettings:
     build_context = c.get("buildContext")
     if build_context is not None and not (Path(build_context) / "Dockerfile.prod").is_file():
         c.fail("buildContext", build_context, "an existing directory containing Dockerfile.prod")
+    local_image_id = c.get("localImageId")
+    if local_image_id is not None and not _DIGEST.match(local_image_id):
+        c.fail("localImageId", local_image_id, "sha256: followed by 64 lowercase hex digits")
+        local_image_id = None
+    if local_image_id is not None and build_context is not None:
+        c.fail("localImageId", local_image_id, "no buildContext at the same time (one image)")
     username = c.get("ghcrUsername")
     token = c.secret("ghcrToken", required=build_context is not None)
     return ImageSettings(
@@ -517,6 +527,7 @@ def _parse_image(c: _Collector) -> ImageSettings:
         build_context=build_context,
         ghcr_username=username,
         ghcr_token=token,
+        local_image_id=local_image_id,
     )
 
 

@@ -4,8 +4,10 @@ Build mode (``buildContext`` set): build ``Dockerfile.prod`` target ``runtime`` 
 linux/amd64 from the app repo, push it to GHCR tagged from git (full SHA, short SHA,
 branch, ``latest`` only from a clean main; a dirty tree gets ``-dirty`` tags) and run
 the pushed digest. Resolve mode (no build): ``imageDigest`` if set, else the registry's
-current digest of ``image:imageTag``. Rollback = ``pulumi config set imageTag <sha>``
-and ``pulumi up``: the tag resolves to that build's digest.
+current digest of ``image:imageTag``. Local mode (``localImageId``, ``up.sh --demo``):
+an image built on the Docker host, run by its image id (``sha256:...``). Rollback =
+``pulumi config set imageTag <sha>`` and ``pulumi up``: the tag resolves to that build's
+digest.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class Registry(pulumi.ComponentResource):
         super().__init__("personal-rag:index:Registry", name, None, opts)
         settings = args.image
         self.tags = []
-        if settings.build_context is not None:
+        if settings.local_image_id is not None:
+            # Built on this Docker host (the demo app): its image id is its content digest.
+            self.image_ref = pulumi.Output.from_input(settings.local_image_id)
+        elif settings.build_context is not None:
             if args.git_state is None:
                 raise ValueError("Registry: build mode needs the app repo's git state")
             self.image_ref = self._build_and_push(settings, args.git_state)

@@ -135,13 +135,18 @@ def remote_keyspace(settings: RedisSettings) -> dict[str, dict[str, int]]:
 
 
 def remote_answers(settings: RedisSettings) -> bool:
-    result = subprocess.run(
-        [*settings.cli_argv(), "PING"],
-        env=settings.env(),
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    try:
+        result = subprocess.run(
+            [*settings.cli_argv(), "PING"],
+            env=settings.env(),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        # No answer in 30 s (e.g. a stopped container's name, on a host whose resolver
+        # does not answer, takes 40 s to fail): not a server that is running.
+        return False
     return result.returncode == 0 and bool(result.stdout.strip())
 
 

@@ -11,13 +11,21 @@
 # and its cluster directory swapped) when the cluster lives in a subdirectory of its
 # volume, else — or with --logical — from the logical dump into the running server.
 #
-# Order, so that nothing is lost: (1) verify the backup while everything still runs;
-# (2) stop the api, the backup scheduler and Redis; (3) rag-backup restore in a one-off
-# container with the stack's volumes — it stages and checks everything beside the live
-# data before swapping and keeps the previous data for rollback; (4) give the files back
-# to the services' users; (5) start Redis, the api, the scheduler; wait until healthy.
-# --from prod restores prod's newest backup into staging (tests a release on real data):
-# prod's backups and key are mounted read-only; no network is shared between stacks.
+# Order, so that nothing is lost: (1) resolve the backup once (what "latest" means now)
+# and verify exactly that one while everything still runs; (2) stop the api, the backup
+# scheduler and Redis; (3) rag-backup restore of that id in a one-off container with the
+# stack's volumes — all-or-nothing: it checks and stages every store beside the live data
+# before the first swap and undoes its swaps if one fails; (4) give the files back to the
+# services' users; (5) start what was stopped — PostgreSQL first, then the stack's own
+# migration job (this stack's roles and passwords, not the backup's) — and wait until
+# healthy. If any step after the stop fails, everything stopped is started again, each
+# service's state is printed and the exit code is 1.
+# The backups are mounted read-only; what verify/restore must write (verification record,
+# lock, staging) goes to the stack's scratch volume (rag-backup --state-dir).
+# --from prod restores prod's backup into staging (tests a release on real data): prod's
+# backups read-only and prod's backup passphrase — only that file, copied into a throwaway
+# volume — reach staging's job; no network or other secret of prod is shared.
+# RAG_NAME_PREFIX (default rag-) is the prefix of the stack's container and volume names.
 set -euo pipefail
 
 usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--components LIST] [--yes]" >&2; exit 2; }
@@ -41,90 +49,166 @@ done
 if [ "$stack" = prod ] && [ "$source_stack" != prod ]; then
   echo "restore-stack: refusing to restore $source_stack's data into prod" >&2; exit 2
 fi
+prefix="${RAG_NAME_PREFIX:-rag-}"
+[[ "$prefix" =~ ^[a-z0-9][a-z0-9-]*-$ ]] || { echo "restore-stack: RAG_NAME_PREFIX '$prefix' must be lowercase letters, digits and dashes ending in '-'" >&2; exit 2; }
 
-n() { echo "rag-$1-$2"; }
-image=$(docker inspect --format '{{.Config.Image}}' "$(n "$stack" backup)")
-chroma_volume=$(docker inspect --format '{{range .Mounts}}{{if eq .Destination "/workspace/data/chroma"}}{{.Name}}{{end}}{{end}}' "$(n "$stack" api)")
-redis_volume=$(docker inspect --format '{{range .Mounts}}{{if eq .Destination "/data"}}{{.Name}}{{end}}{{end}}' "$(n "$stack" redis)")
-backups_source=$(docker inspect --format '{{range .Mounts}}{{if eq .Destination "/backups"}}{{if .Name}}{{.Name}}{{else}}{{.Source}}{{end}}{{end}}{{end}}' "$(n "$source_stack" backup)")
+n() { echo "$prefix$1-$2"; }
+mount_of() { # container destination -> the volume name (or a bind's host path)
+  docker inspect --format "{{range .Mounts}}{{if eq .Destination \"$2\"}}{{if .Name}}{{.Name}}{{else}}{{.Source}}{{end}}{{end}}{{end}}" "$1"
+}
+mount_type() { [[ "$1" = /* ]] && echo bind || echo volume; }
+backup_container=$(n "$stack" backup)
+image=$(docker inspect --format '{{.Config.Image}}' "$backup_container")
+job_user=$(docker inspect --format '{{.Config.User}}' "$backup_container")
+chroma_volume=$(mount_of "$(n "$stack" api)" /workspace/data/chroma)
+redis_volume=$(mount_of "$(n "$stack" redis)" /data)
+backups_source=$(mount_of "$(n "$source_stack" backup)" /backups)
+textfile_volume=$(mount_of "$backup_container" /textfile)
 pg_mount=/var/lib/postgresql/data
-postgres_volume=$(docker inspect --format "{{range .Mounts}}{{if eq .Destination \"$pg_mount\"}}{{.Name}}{{end}}{{end}}" "$(n "$stack" postgres)")
+postgres_volume=$(mount_of "$(n "$stack" postgres)" "$pg_mount")
 pgdata=$(docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$(n "$stack" postgres)" | sed -n 's/^PGDATA=//p')
 pg_mode=logical
 if [ -z "$force_logical" ] && [ "${pgdata#"$pg_mount"/}" != "$pgdata" ]; then
   pg_mode=physical
 fi
 # The job's environment holds settings and file paths only (secrets are files).
-mapfile -t job_env < <(docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$(n "$stack" backup)" | grep -E '^(PG|REDIS_|CHROMA_DIR|BACKUP_DIR|RAG_BACKUP_)' | grep -v -E '^(RAG_BACKUP_KEY_FILE|PGDATA)=' || true)
+mapfile -t job_env < <(docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$backup_container" | grep -E '^(PG|REDIS_|CHROMA_DIR|BACKUP_DIR|RAG_BACKUP_)' | grep -v -E '^(RAG_BACKUP_KEY_FILE|RAG_BACKUP_STATE_DIR|PGDATA)=' || true)
 env_args=()
 for e in "${job_env[@]}"; do env_args+=(--env "$e"); done
+
+# The passphrase: the stack's own (in its config volume), the operator's --key-volume, or
+# for --from only the source stack's passphrase file, copied into a throwaway volume.
+key_mount=(); key_file=/etc/rag/secrets/backup_passphrase; key_only_volume=""
+cleanup() { [ -z "$key_only_volume" ] || docker volume rm -f "$key_only_volume" >/dev/null || true; }
+trap cleanup EXIT
+if [ -n "$key_volume" ]; then
+  key_mount=(--mount "type=volume,source=$key_volume,target=/source-keys,readonly")
+  key_file=/source-keys/secrets/backup_passphrase
+elif [ "$source_stack" != "$stack" ]; then
+  key_only_volume="$(n "$stack" restore-key)-$$"
+  docker volume create "$key_only_volume" >/dev/null
+  docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN --cap-add DAC_OVERRIDE \
+    --cap-add FOWNER --security-opt no-new-privileges:true --read-only \
+    --mount "type=volume,source=$(n "$source_stack" backup-config),target=/from,readonly" \
+    --mount "type=volume,source=$key_only_volume,target=/to" \
+    --entrypoint sh "$image" -c 'set -e; mkdir /to/secrets; cp /from/secrets/backup_passphrase /to/secrets/
+      chown -R "$1" /to/secrets; chmod 0400 /to/secrets/backup_passphrase; chmod 0500 /to/secrets' sh "$job_user"
+  key_mount=(--mount "type=volume,source=$key_only_volume,target=/source-keys,readonly")
+  key_file=/source-keys/secrets/backup_passphrase
+fi
 
 # One-off container, hardened like the services; $1 = user, rest = rag-backup arguments.
 run_job() {
   local user="$1"; shift
   local caps=(--cap-drop ALL) extra=()
-  [ "$user" = "0:0" ] && caps+=(--cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER)
+  # Root only for the swap: owners kept (CHOWN, FOWNER, DAC_OVERRIDE); the staged copies
+  # extracted and checked as their owners (SETUID, SETGID: rag-backup runs tar and a
+  # private PostgreSQL as them; KILL: it stops that server).
+  [ "$user" = "0:0" ] && caps+=(--cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER --cap-add SETUID --cap-add SETGID --cap-add KILL)
   [ "$pg_mode" = physical ] && extra+=(--mount "type=volume,source=$postgres_volume,target=/pg")
   docker run --rm --name "$(n "$stack" restore)" --network "$(n "$stack" backend)" \
     --user "$user" "${caps[@]}" --security-opt no-new-privileges:true --read-only \
     --tmpfs /tmp:rw,nosuid,size=64m --memory 2g \
     --mount "type=volume,source=$(n "$stack" backup-config),target=/etc/rag,readonly" \
-    --mount "type=volume,source=${key_volume:-$(n "$source_stack" backup-config)},target=/source-keys,readonly" \
-    --mount "type=$( [[ "$backups_source" = /* ]] && echo bind || echo volume ),source=$backups_source,target=/backups,readonly" \
+    "${key_mount[@]}" \
+    --mount "type=$(mount_type "$backups_source"),source=$backups_source,target=/backups,readonly" \
     --mount "type=volume,source=$(n "$stack" backup-scratch),target=/scratch" \
+    --mount "type=$(mount_type "$textfile_volume"),source=$textfile_volume,target=/textfile" \
     --mount "type=volume,source=$chroma_volume,target=/workspace/data/chroma" \
     --mount "type=volume,source=$redis_volume,target=/redis-data" "${extra[@]}" \
-    "${env_args[@]}" --env RAG_BACKUP_KEY_FILE=/source-keys/secrets/backup_passphrase \
+    "${env_args[@]}" --env "RAG_BACKUP_KEY_FILE=$key_file" \
+    --env RAG_BACKUP_STATE_DIR=/scratch/restore-state \
     --env REDIS_DATA_DIR=/redis-data --entrypoint python3 "$image" -m rag_backup "$@"
 }
 
-echo "restore-stack: verifying ${backup_id:-the newest} backup of $source_stack"
-run_job "$(docker inspect --format '{{.Config.User}}' "$(n "$stack" backup)")" verify ${backup_id:+"$backup_id"}
+# "latest" is resolved once: the backup verified and confirmed is the one restored.
+resolved=$(run_job "$job_user" resolve "${backup_id:-latest}")
+[[ "$resolved" =~ ^[0-9A-Za-z_-]+$ ]] || { echo "restore-stack: rag-backup resolve gave '$resolved'" >&2; exit 1; }
+echo "restore-stack: verifying backup $resolved of $source_stack"
+run_job "$job_user" verify "$resolved"
 
 if [ -z "$assume_yes" ]; then
-  read -r -p "Replace $stack's PostgreSQL, Redis and Chroma data with it? Type the stack name: " answer
+  read -r -p "Replace $stack's PostgreSQL, Redis and Chroma data with backup $resolved of $source_stack? Type the stack name: " answer
   [ "$answer" = "$stack" ] || { echo "restore-stack: not confirmed; nothing changed" >&2; exit 1; }
 fi
 
-owner_of() { # volume path-in-container -> uid:gid
+owner_of() { # volume -> uid:gid of its root
   docker run --rm --cap-drop ALL --network none --mount "type=volume,source=$1,target=/v,readonly" \
     --entrypoint stat "$image" -c '%u:%g' /v
 }
 redis_owner=$(owner_of "$redis_volume")
 chroma_owner=$(owner_of "$chroma_volume")
 
-stop=("$(n "$stack" api)" "$(n "$stack" backup)" "$(n "$stack" redis)")
+stop=("$(n "$stack" api)" "$backup_container" "$(n "$stack" redis)")
 pg_args=(--pg-mode "$pg_mode")
 if [ "$pg_mode" = physical ]; then
   stop+=("$(n "$stack" postgres)")
   pg_args+=(--pg-data-dir "/pg/${pgdata#"$pg_mount"/}")
 fi
-echo "restore-stack: stopping ${stop[*]} (PostgreSQL restore: $pg_mode)"
-docker stop "${stop[@]}" >/dev/null
+start_order=()  # dependencies first: the stores, then the api and the scheduler
+[ "$pg_mode" = physical ] && start_order+=("$(n "$stack" postgres)")
+start_order+=("$(n "$stack" redis)" "$(n "$stack" api)" "$backup_container")
 
-echo "restore-stack: restoring"
-if ! run_job 0:0 restore ${backup_id:+"$backup_id"} "${components[@]}" --yes --staging-dir /scratch "${pg_args[@]}" \
-  --redis-data-dir /redis-data --redis-server-cmd redis-server; then
-  # rag-backup swaps nothing it has not fully checked: the live data is as it was.
-  echo "restore-stack: restore failed; the previous data is in place, starting the services again" >&2
-  for container in "${stop[@]}"; do docker start "$container" >/dev/null || true; done
+report_states() {
+  local container
+  echo "restore-stack: service states:" >&2
+  for container in "${start_order[@]}"; do
+    echo "  $container: $(docker inspect --format '{{.State.Status}}{{if .State.Health}} ({{.State.Health.Status}}){{end}}' "$container" 2>&1)" >&2
+  done
+}
+bring_back() { # $1 = what went wrong; start everything stopped, say where things are, exit 1
+  local container
+  echo "restore-stack: $1; starting the stopped services again" >&2
+  for container in "${start_order[@]}"; do
+    docker start "$container" >/dev/null || echo "restore-stack: could not start $container" >&2
+  done
+  report_states
   exit 1
+}
+
+echo "restore-stack: stopping ${stop[*]} (PostgreSQL restore: $pg_mode)"
+docker stop "${stop[@]}" >/dev/null || bring_back "stopping the services failed"
+
+echo "restore-stack: restoring backup $resolved"
+if ! run_job 0:0 restore "$resolved" "${components[@]}" --yes --staging-dir /scratch "${pg_args[@]}" \
+  --redis-data-dir /redis-data --redis-server-cmd redis-server; then
+  # rag-backup is all-or-nothing: it swapped nothing, or undid its swaps (its output says).
+  bring_back "restore of $resolved failed (rag-backup's output above says what it left)"
 fi
-docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN \
+docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN --cap-add DAC_READ_SEARCH \
   --mount "type=volume,source=$redis_volume,target=/redis-data" \
   --mount "type=volume,source=$chroma_volume,target=/chroma" \
-  --entrypoint sh "$image" -c "chown -R $redis_owner /redis-data && chown -R $chroma_owner /chroma"
+  --entrypoint sh "$image" -c "chown -R $redis_owner /redis-data && chown -R $chroma_owner /chroma" \
+  || bring_back "giving the restored files back to their owners failed (the data is restored)"
 
-services=(redis api backup)
-[ "$pg_mode" = physical ] && services=(postgres "${services[@]}")
-echo "restore-stack: starting ${services[*]}"
-for service in "${services[@]}"; do docker start "$(n "$stack" "$service")" >/dev/null; done
-for service in "${services[@]}"; do
+wait_healthy() { # container -> 0 once healthy (5 min at most); prints the last state
+  local state=""
   for _ in $(seq 1 60); do
-    state=$(docker inspect --format '{{.State.Health.Status}}' "$(n "$stack" "$service")")
+    state=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1")
     [ "$state" = healthy ] && break
     sleep 5
   done
-  [ "$state" = healthy ] || { echo "restore-stack: $(n "$stack" "$service") is $state; see docs/disaster_recovery.md (rollback)" >&2; exit 1; }
+  echo "$state"
+  [ "$state" = healthy ]
+}
+
+echo "restore-stack: starting ${start_order[*]}"
+postgres_container=$(n "$stack" postgres)
+migrate_container=$(n "$stack" postgres-migrate)
+for container in "${start_order[@]}"; do
+  docker start "$container" >/dev/null || bring_back "starting $container failed (the data is restored)"
+  if [ "$container" = "$postgres_container" ]; then
+    # The restored cluster has the roles and passwords of the time (and stack) it was
+    # backed up from: the stack's own migration job, which every deploy runs, makes them
+    # this stack's again before any client connects.
+    state=$(wait_healthy "$postgres_container") || bring_back "$postgres_container is $state after the restore (the data is restored)"
+    if docker inspect "$migrate_container" >/dev/null 2>&1; then
+      code=$(docker start --attach "$migrate_container" >&2; docker inspect --format '{{.State.ExitCode}}' "$migrate_container")
+      [ "$code" = 0 ] || bring_back "$migrate_container exited $code (the data is restored; roles not updated)"
+    fi
+  fi
 done
-echo "restore-stack: $stack restored from $source_stack and healthy"
+for container in "${start_order[@]}"; do
+  state=$(wait_healthy "$container") || bring_back "$container is $state after the restore; see docs/disaster_recovery.md (rollback)"
+done
+echo "restore-stack: $stack restored from $source_stack's backup $resolved and healthy"

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One command from a fresh Debian/Ubuntu machine to a running stack on the local Docker
 # engine, with Pulumi's local state backend (no account):
-#   bash scripts/up.sh staging        (or prod)
+#   bash scripts/up.sh staging --demo (no app image of your own yet: the demo app)
+#   bash scripts/up.sh staging        (or prod; your app image)
 # Installs what is missing (Docker, the Pulumi CLI via its official installer, a venv),
 # asks for the settings a stack cannot run without, then runs `pulumi up`.
+# --demo builds the small demo app (tests/engine/app: the app's port, paths and env
+# contract) on this Docker host and deploys it by its digest (config localImageId), so
+# the whole stack comes up with no image of one's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stack="${1:-staging}"
@@ -11,9 +15,17 @@ case "$stack" in
   staging | prod | ephemeral-*) ;;
   *) echo "up.sh: unknown stack '$stack'; expected staging, prod or ephemeral-<suffix>" >&2; exit 2 ;;
 esac
+demo=""
+case "${2:-}" in
+  "") ;;
+  --demo) demo=1 ;;
+  *) echo "up.sh: unknown option '$2'; expected --demo or nothing" >&2; exit 2 ;;
+esac
 
 sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+# docker itself: directly when this user may reach the engine, else through sudo.
+sudo_docker=()
 
 if ! command -v docker >/dev/null 2>&1; then
   echo "up.sh: installing Docker (docker.io)"
@@ -21,8 +33,14 @@ if ! command -v docker >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq docker.io >/dev/null
 fi
 if ! docker info >/dev/null 2>&1; then
-  "${sudo_cmd[@]}" systemctl start docker 2>/dev/null || { "${sudo_cmd[@]}" dockerd >/var/log/dockerd.log 2>&1 & sleep 5; }
+  # Without systemd: dockerd in the background, its log written by root (the redirect
+  # runs inside the privileged shell, not as the calling user).
+  "${sudo_cmd[@]}" systemctl start docker 2>/dev/null ||
+    "${sudo_cmd[@]}" sh -c 'nohup dockerd >>/var/log/dockerd.log 2>&1 &'
+  for _ in $(seq 1 30); do "${sudo_cmd[@]}" docker info >/dev/null 2>&1 && break; sleep 1; done
+  "${sudo_cmd[@]}" docker info >/dev/null 2>&1 || { echo "up.sh: the Docker engine did not start (see /var/log/dockerd.log)" >&2; exit 1; }
 fi
+docker info >/dev/null 2>&1 || sudo_docker=("${sudo_cmd[@]}")
 for pkg in python3-venv git curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
     { "${sudo_cmd[@]}" apt-get update -qq && "${sudo_cmd[@]}" apt-get install -y -qq "$pkg" >/dev/null; }
@@ -62,7 +80,12 @@ ask() { # ask KEY PROMPT [secret]
 current() { pulumi config get "$1" --stack "$stack" 2>/dev/null || true; }
 
 [ -n "$(current smtpPassword)" ] || ask smtpPassword "SMTP password for $(current smtpUsername)" secret
-if [ "$(current image)" = "ghcr.io/example/rag_personal" ]; then
+if [ -n "$demo" ]; then
+  echo "up.sh: building the demo app (tests/engine/app) on the local Docker engine"
+  image_id=$("${sudo_docker[@]}" docker build -q tests/engine/app)
+  [[ "$image_id" =~ ^sha256:[0-9a-f]{64}$ ]] || { echo "up.sh: docker build gave '$image_id'" >&2; exit 1; }
+  pulumi config set localImageId "$image_id" --stack "$stack"
+elif [ "$(current image)" = "ghcr.io/example/rag_personal" ] && [ -z "$(current localImageId)" ]; then
   ask image "Your app image repository (e.g. ghcr.io/you/rag_personal)"
   ask imageTag "Tag to deploy (a git SHA)"
 fi

@@ -74,16 +74,23 @@ def _build_tools(docker: DockerCli, deadline: float) -> None:
         docker.run("build", "-q", "-t", TOOLS_IMAGE, context, timeout=deadline - time.monotonic())
 
 
+def ensure_base_image(docker: DockerCli, deadline: float) -> str:
+    """The debootstrap base's name; built when missing (bounded by ``deadline``)."""
+    if not docker.exists("image", BASE_IMAGE):
+        started = time.monotonic()
+        _progress(f"building {BASE_IMAGE} with debootstrap (first run only, a few minutes)")
+        _build_base(docker, deadline)
+        _progress(f"{BASE_IMAGE} built in {time.monotonic() - started:.0f}s")
+    return BASE_IMAGE
+
+
 def ensure_tools_image(docker: DockerCli) -> str:
     """The tools image's name; builds what is missing (bounded by BUILD_TIMEOUT_S)."""
     if docker.exists("image", TOOLS_IMAGE):
         return TOOLS_IMAGE
     deadline = time.monotonic() + BUILD_TIMEOUT_S
     started = time.monotonic()
-    if not docker.exists("image", BASE_IMAGE):
-        _progress(f"building {BASE_IMAGE} with debootstrap (first run only, a few minutes)")
-        _build_base(docker, deadline)
-        _progress(f"{BASE_IMAGE} built in {time.monotonic() - started:.0f}s")
+    ensure_base_image(docker, deadline)
     _progress(f"building {TOOLS_IMAGE} (apt-get install inside docker build)")
     _build_tools(docker, deadline)
     _progress(f"test images ready after {time.monotonic() - started:.0f}s")

@@ -123,7 +123,11 @@ def test_postgres_server_and_backup_tools_share_the_major_version(
 def test_the_dockerfile_takes_its_bases_and_major_only_as_build_args() -> None:
     dockerfile = (REPO / "docker/backup/Dockerfile").read_text()
     args = re.findall(r"^ARG\s+(\S+)", dockerfile, flags=re.MULTILINE)
-    assert set(args) == {"POSTGRES_IMAGE", "REDIS_IMAGE", "POSTGRES_MAJOR"}
+    assert set(args) == {
+        "POSTGRES_IMAGE", "REDIS_IMAGE", "POSTGRES_MAJOR",
+        # The job's user and mount points (the image's mount points are the job's).
+        "BACKUP_USER", "BACKUP_MOUNT_POINTS",
+    }  # fmt: skip
     assert all("=" not in a for a in args), "no defaults: the program passes them"
 
 

@@ -1,8 +1,6 @@
-"""scripts/restore-stack.sh against a stand-in `docker` that records every call.
-
-The real procedure needs a Docker engine (the GitHub integration job has one); here we
-prove the order that keeps data safe and the refusals.
-"""
+"""scripts/restore-stack.sh against a stand-in `docker` that records every call: the
+order that keeps data safe and the refusals, in milliseconds. The procedure itself is
+proven on a real engine with the program's own stacks in tests/stack/test_stacks.py."""
 
 from __future__ import annotations
 
@@ -20,6 +18,7 @@ SCRIPT = REPO / "scripts" / "restore-stack.sh"
 FAKE_DOCKER = r"""#!/usr/bin/env bash
 echo "$*" >> "$DOCKER_LOG"
 case "$1 $*" in
+  *"-m rag_backup resolve"*) echo 20261124T030000Z ;;
   *"inspect --format {{.Config.Image}}"*) echo personal-rag/backup:abc ;;
   *"/workspace/data/chroma"*) echo rag-S-chroma-data ;;
   *'eq .Destination "/data"'*) echo rag-S-redis-data ;;
@@ -32,6 +31,7 @@ case "$1 $*" in
     echo BACKUP_DIR=/backups ;;
   *"{{.Config.User}}"*) echo 1000:1000 ;;
   *"{{.State.Health.Status}}"*) echo healthy ;;
+  *"{{.State.ExitCode}}"*) echo 0 ;;
   *"-c %u:%g"*) echo 999:1000 ;;
 esac
 if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit 1; fi
@@ -97,6 +97,13 @@ def test_verify_first_then_stop_then_restore_then_start(tmp_path: Path) -> None:
     assert "--pg-mode physical --pg-data-dir /pg/pgdata" in calls[restore]
     assert "source=rag-S-postgres-data,target=/pg" in calls[restore]
     assert index(calls, "start rag-staging-postgres") < index(calls, "start rag-staging-api")
+    # The stack's own roles and passwords again before any client connects.
+    migrate = index(calls, "start --attach rag-staging-postgres-migrate")
+    assert (
+        index(calls, "start rag-staging-postgres")
+        < migrate
+        < index(calls, "start rag-staging-redis")
+    )
     # Ownership goes back to the services' users before they start again.
     chown = index(calls, "chown -R 999:1000 /redis-data")
     assert restore < chown < start_redis
@@ -125,7 +132,12 @@ def test_staging_from_prod_reads_prods_backups_and_key_read_only(tmp_path: Path)
     code, calls, err = run_script(tmp_path, "staging", "--from", "prod", "--yes")
     assert code == 0, err
     restore = calls[index(calls, "-m rag_backup restore")]
-    assert "source=rag-prod-backup-config,target=/source-keys,readonly" in restore
+    # Only prod's passphrase reaches the job: copied alone into a throwaway volume.
+    copy = calls[index(calls, "source=rag-prod-backup-config,target=/from,readonly")]
+    assert "cp /from/secrets/backup_passphrase /to/secrets/" in copy
+    assert "rag-prod-backup-config" not in restore
+    assert "rag-staging-restore-key-" in restore and "target=/source-keys,readonly" in restore
+    assert any(c.startswith("volume rm -f rag-staging-restore-key-") for c in calls)
     assert "target=/backups,readonly" in restore
     assert "RAG_BACKUP_KEY_FILE=/source-keys/secrets/backup_passphrase" in restore
     assert "RAG_BACKUP_KEY_FILE=/etc/rag" not in restore
@@ -165,7 +177,8 @@ def test_components_are_passed_to_the_restore(tmp_path: Path) -> None:
 
 def test_a_failed_restore_brings_the_stopped_services_back(tmp_path: Path) -> None:
     code, calls, err = run_script(tmp_path, "staging", "--yes", fail_on="rag_backup restore")
-    assert code == 1 and "previous data is in place" in err
+    assert code == 1 and "restore of 20261124T030000Z failed" in err
+    assert "rag-staging-redis: healthy" in err  # each service's state after bringing it back
     restore = index(calls, "-m rag_backup restore")
     restarted = {c.split()[1] for c in calls[restore:] if c.startswith("start ")}
     assert restarted == {

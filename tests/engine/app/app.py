@@ -1,14 +1,20 @@
-"""Stand-in API for the engine test: /health, /metrics, and /deps, which proves the
-container reaches its stack's Redis over TLS (client certificate, ACL password from a
-file) and its PostgreSQL (libpq environment + PGPASSFILE). Standard library + redis +
-psycopg only."""
+"""Stand-in API (the demo app and the engine tests' api): /health, /metrics, and /deps,
+which proves the container reaches its stack's Redis over TLS (client certificate, ACL
+password from a file) and its PostgreSQL (libpq environment + PGPASSFILE), with pgcrypto
+when DATA_ENCRYPTION_KEY_FILE is set. ``PUT /markers/NAME`` writes a marker into each store
+(a pgcrypto-encrypted row, a Redis key, a file in the Chroma directory) and
+``GET /markers/NAME`` says which store has it: what a restore must bring back;
+``DELETE /markers/NAME`` loses it from every store.
+Standard library + redis + psycopg only."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
@@ -21,13 +27,16 @@ _requests = 0
 _lock = threading.Lock()
 
 
-def check_redis() -> str:
+MARKER_NAME = re.compile(r"[a-z0-9-]{1,64}")
+
+
+def redis_client() -> redis.Redis:
     url = urlsplit(os.environ["REDIS_URL"])
     if url.scheme != "rediss":
         raise RuntimeError(f"REDIS_URL scheme is {url.scheme!r}; expected rediss (TLS)")
     with open(os.environ["REDIS_PASSWORD_FILE"], encoding="utf-8") as handle:
         password = handle.read().strip()
-    client = redis.Redis(
+    return redis.Redis(
         host=url.hostname or "",
         port=url.port or 6379,
         username=url.username,
@@ -40,6 +49,10 @@ def check_redis() -> str:
         socket_timeout=5,
         socket_connect_timeout=5,
     )
+
+
+def check_redis() -> str:
+    client = redis_client()
     try:
         client.set("standin:probe", "ok", ex=60)
         value = client.get("standin:probe")
@@ -55,6 +68,91 @@ def check_postgres() -> str:
     with psycopg.connect("", connect_timeout=5) as conn:
         row = conn.execute("select current_database()").fetchone()
     return f"ok ({row[0] if row else '?'})"
+
+
+def data_key() -> str:
+    with open(os.environ["DATA_ENCRYPTION_KEY_FILE"], encoding="utf-8") as handle:
+        return handle.read().strip()
+
+
+def check_pgcrypto() -> str:
+    with psycopg.connect("", connect_timeout=5) as conn:
+        row = conn.execute(
+            "select pgp_sym_decrypt(pgp_sym_encrypt('probe', %(k)s), %(k)s)", {"k": data_key()}
+        ).fetchone()
+    if not row or row[0] != "probe":
+        raise RuntimeError(f"pgcrypto round trip returned {row!r}")
+    return "ok"
+
+
+def chroma_marker(name: str) -> Path:
+    return Path(os.environ["CHROMA_PERSIST_DIR"]) / "markers" / name
+
+
+def write_marker(name: str) -> dict[str, str]:
+    with psycopg.connect("", connect_timeout=5) as conn:
+        conn.execute(
+            "create table if not exists markers (name text primary key, sealed bytea not null)"
+        )
+        conn.execute(
+            "insert into markers values (%(n)s, pgp_sym_encrypt(%(n)s, %(k)s))"
+            " on conflict (name) do update set sealed = excluded.sealed",
+            {"n": name, "k": data_key()},
+        )
+    client = redis_client()
+    try:
+        client.set(f"marker:{name}", name)
+    finally:
+        client.close()
+    path = chroma_marker(name)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(name)
+    return read_marker(name)
+
+
+def delete_marker(name: str) -> dict[str, str]:
+    """Data loss, as a bug or a user would cause it: the marker gone from every store."""
+    with psycopg.connect("", connect_timeout=5) as conn:
+        conn.execute(
+            "create table if not exists markers (name text primary key, sealed bytea not null)"
+        )
+        conn.execute("delete from markers where name = %(n)s", {"n": name})
+    client = redis_client()
+    try:
+        client.delete(f"marker:{name}")
+    finally:
+        client.close()
+    chroma_marker(name).unlink(missing_ok=True)
+    return read_marker(name)
+
+
+def read_marker(name: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    try:
+        with psycopg.connect("", connect_timeout=5, autocommit=True) as conn:
+            row = conn.execute("select sealed from markers where name = %(n)s", {"n": name})
+            sealed = row.fetchone()
+            if sealed is None:
+                found["postgres"] = "absent"
+            else:
+                try:
+                    opened = conn.execute(
+                        "select pgp_sym_decrypt(%(s)s, %(k)s)", {"s": sealed[0], "k": data_key()}
+                    ).fetchone()
+                    found["postgres"] = "present" if opened and opened[0] == name else "altered"
+                except psycopg.errors.ExternalRoutineInvocationException:
+                    # pgcrypto: "Wrong key or corrupt data" (e.g. another stack's rows).
+                    found["postgres"] = "sealed with another key"
+    except psycopg.errors.UndefinedTable:
+        found["postgres"] = "absent"
+    client = redis_client()
+    try:
+        found["redis"] = "present" if client.get(f"marker:{name}") == name.encode() else "absent"
+    finally:
+        client.close()
+    path = chroma_marker(name)
+    found["chroma"] = "present" if path.is_file() and path.read_text() == name else "absent"
+    return found
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -74,13 +172,32 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, "text/plain; version=0.0.4", body)
         elif path == "/deps":
             result: dict[str, str] = {}
-            for name, check in (("redis", check_redis), ("postgres", check_postgres)):
+            checks = [("redis", check_redis), ("postgres", check_postgres)]
+            if os.environ.get("DATA_ENCRYPTION_KEY_FILE"):
+                checks.append(("pgcrypto", check_pgcrypto))
+            for name, check in checks:
                 try:
                     result[name] = check()
                 except Exception as exc:
                     result[name] = f"failed: {type(exc).__name__}: {exc}"
             healthy = all(v.startswith("ok") for v in result.values())
             self.reply(200 if healthy else 503, "application/json", result)
+        elif path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
+            self.reply(200, "application/json", read_marker(path[9:]))
+        else:
+            self.reply(404, "application/json", {"error": f"no route {path}"})
+
+    def do_DELETE(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
+            self.reply(200, "application/json", delete_marker(path[9:]))
+        else:
+            self.reply(404, "application/json", {"error": f"no route {path}"})
+
+    def do_PUT(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
+            self.reply(200, "application/json", write_marker(path[9:]))
         else:
             self.reply(404, "application/json", {"error": f"no route {path}"})
 

@@ -1,0 +1,456 @@
+"""Apply a stack's recorded declarations to the real engine the way pulumi-docker does.
+
+Driven by what the program declares (``tests/pulumi_harness.run_program``), nothing
+hand-copied: every ``docker:index/network|volume|image|container`` in registration order,
+networks and volumes first, images built (tests/stack/images), then each container:
+
+- created with every declared input (tests/docker/translate.py: user, caps, security
+  options, read-only root, tmpfs, memory, CPU shares, restart policy, ports, mounts, env,
+  entrypoint, command) plus its declared labels and healthcheck; the default bridge
+  swapped for the declared networks with their aliases; ``uploads`` copied into ``/``;
+  then started;
+- not before each of its explicit dependencies is done, as Pulumi orders them: a
+  ``wait`` container is done when healthy (within its ``waitTimeout``), an ``attach``
+  one when it has exited -- with code 0, or the apply fails (the program's
+  ``require_success`` turns a non-zero code into a failed ``pulumi up``).
+
+A declared input the harness does not apply, an unknown resource type, or an image ref
+without a local image is an error, never a silent skip.
+
+Test-only differences, all explicit: names carry the session prefix (Renamer) and each
+container also gets its declared name as a network alias, so the names the program
+writes into env and configs resolve; published host ports are free ones (the declared
+host IP is kept); image refs map to the local images; DNS stays on this machine
+(tests/docker/deployment.py); the healthcheck's ``CMD`` argv runs through ``/bin/sh``
+(the CLI takes a shell string). One host limit: a bind mount declared with ``rslave``
+propagation of a source whose host mount is private (a sandbox without systemd; systemd
+makes ``/`` shared at boot) cannot even be created there. The harness then binds the
+same filesystem through a shared bind of the source it makes itself
+(``/run/ragtest-binds/...``, removed by ``release_host_binds``), keeping ``rslave``, and
+records that in ``Applied.deviations`` (printed), never silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.docker.deployment import CONTAINED_DNS
+from tests.docker.engine import DockerCli, DockerError, DockerObjects
+from tests.docker.translate import (
+    CONTAINER_INPUTS,
+    ContainerPlan,
+    Renamer,
+    plan_container,
+    plan_network,
+    upload_tar,
+)
+from tests.pulumi_harness import ProgramRun, Recorded
+from tests.stack.images import LocalImages
+
+NETWORK = "docker:index/network:Network"
+VOLUME = "docker:index/volume:Volume"
+IMAGE = "docker:index/image:Image"
+CONTAINER = "docker:index/container:Container"
+# Resources that make no engine object (keys, certificates, passwords, components).
+NO_ENGINE_OBJECT = ("tls:", "random:", "personal-rag:")
+# Resources with an effect outside the engine, not applied here, each with the reason
+# (recorded in Applied.deviations and printed, never skipped silently).
+NOT_APPLIED_HERE = {
+    "command:local:Command": "a command on the host itself (the host firewall changes the "
+    "machine's iptables; tests/docker proves its rules), not an engine object",
+}
+# Inputs applied here on top of the translator's.
+HARNESS_INPUTS = {"labels", "healthcheck", "mustRun", "attach", "wait", "waitTimeout"}
+VOLUME_INPUTS = {"name", "labels"}
+ATTACH_TIMEOUT_S = 300.0
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
+POLL_S = 1.0
+
+
+class ApplyError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def mount_propagation(path: str) -> str:
+    """The host's propagation of the mount holding ``path`` (findmnt), e.g. shared."""
+    findmnt = shutil.which("findmnt")
+    if findmnt is None:
+        raise ApplyError("findmnt (util-linux) is needed to read the host's mount propagation")
+    done = subprocess.run(
+        [findmnt, "-n", "-o", "PROPAGATION", "--target", path],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+HOST_BINDS_DIR = Path("/run/ragtest-binds")
+_host_binds: dict[str, str] = {}  # declared source -> the shared bind standing in for it
+_host_binds_lock = threading.Lock()
+
+
+def _shared_bind_of(source: str) -> str:
+    with _host_binds_lock:
+        if source not in _host_binds:
+            target = HOST_BINDS_DIR / f"{os.getpid()}-{len(_host_binds)}"
+            target.mkdir(parents=True, exist_ok=True)
+            for argv in (
+                ["mount", "--bind", source, str(target)],
+                ["mount", "--make-shared", str(target)],
+            ):
+                subprocess.run(argv, check=True, capture_output=True, timeout=30)
+            _host_binds[source] = str(target)
+        return _host_binds[source]
+
+
+def release_host_binds() -> None:
+    """Unmount and remove the shared binds this process made."""
+    with _host_binds_lock:
+        for target in _host_binds.values():
+            subprocess.run(["umount", target], check=False, capture_output=True, timeout=30)
+            Path(target).rmdir()
+        _host_binds.clear()
+
+
+def host_bindable(inputs: Mapping[str, Any], deviations: list[str]) -> dict[str, Any]:
+    """``inputs`` with rslave/rshared binds of private host mounts made through a shared
+    bind of the same source."""
+    mounts = []
+    for mount in inputs.get("mounts") or []:
+        propagation = (mount.get("bindOptions") or {}).get("propagation")
+        if (
+            mount["type"] == "bind"
+            and propagation in ("rslave", "slave", "rshared", "shared")
+            and mount_propagation(mount["source"]) == "private"
+        ):
+            stand_in = _shared_bind_of(mount["source"])
+            deviations.append(
+                f"{inputs['name']}: bind {mount['source']} ({propagation}) made through "
+                f"{stand_in}, a shared bind of it (the host's mount is private)"
+            )
+            print(f"[tests/stack] deviation: {deviations[-1]}", file=sys.__stderr__)
+            mount = {**mount, "source": stand_in}
+        mounts.append(mount)
+    return {**inputs, "mounts": mounts} if mounts else dict(inputs)
+
+
+def health_flags(inputs: Mapping[str, Any]) -> list[str]:
+    check = inputs.get("healthcheck")
+    if not check:
+        return []
+    tests = list(check.get("tests") or [])
+    if tests == ["NONE"]:
+        return ["--no-healthcheck"]
+    if tests[0] == "CMD":
+        command = shlex.join(tests[1:])
+    elif tests[0] == "CMD-SHELL":
+        command = tests[1]
+    else:
+        raise ApplyError(f"{inputs['name']}: healthcheck test {tests[0]!r} not applied")
+    flags = ["--health-cmd", command]
+    for key, flag in (
+        ("interval", "--health-interval"),
+        ("timeout", "--health-timeout"),
+        ("startPeriod", "--health-start-period"),
+    ):
+        if check.get(key):
+            flags += [flag, str(check[key])]
+    if check.get("retries") is not None:
+        flags += ["--health-retries", str(int(check["retries"]))]
+    unknown = set(check) - {"tests", "interval", "timeout", "startPeriod", "retries"}
+    if unknown - {k for k, v in check.items() if v is None}:
+        raise ApplyError(f"{inputs['name']}: healthcheck inputs {sorted(unknown)} not applied")
+    return flags
+
+
+def label_flags(inputs: Mapping[str, Any]) -> list[str]:
+    return [
+        arg
+        for label in inputs.get("labels") or []
+        for arg in ("--label", f"{label['label']}={label['value']}")
+    ]
+
+
+@dataclass
+class Applied:
+    """What one stack's apply made: declared name -> engine name, and host ports."""
+
+    stack: str
+    containers: dict[str, str] = field(default_factory=dict)
+    host_ports: dict[int, int] = field(default_factory=dict)  # declared -> bound
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # declared name -> inputs
+    deviations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StackApplier:
+    docker: DockerCli
+    objects: DockerObjects
+    rename: Renamer
+    images: LocalImages
+    app_image: str
+    # Serializes network/volume creation when stacks are applied in parallel.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- images --------------------------------------------------------------------
+    def local_image(self, run: ProgramRun, ref: str) -> str:
+        if IMAGE_ID.fullmatch(ref):
+            # Already an image of this engine (localImageId, `up.sh --demo`): as declared.
+            if not self.docker.exists("image", ref):
+                raise ApplyError(f"image id {ref} is not an image of this engine")
+            return ref
+        for image in run.of_type(IMAGE):
+            if image.inputs["imageName"] == ref:
+                return self.images.declared_build(image.inputs)
+        app_ref = run.exports.get("imageRef", (None, False))[0]
+        if ref == app_ref:
+            return self.app_image
+        return self.images.for_official(ref)
+
+    # --- containers ----------------------------------------------------------------
+    def plan(self, run: ProgramRun, inputs: Mapping[str, Any], applied: Applied) -> ContainerPlan:
+        for port in inputs.get("ports") or []:
+            external = int(port["external"])
+            applied.host_ports.setdefault(external, free_port())
+        return plan_container(
+            inputs, self.rename, self.local_image(run, inputs["image"]), None, applied.host_ports
+        )
+
+    def create(self, inputs: Mapping[str, Any], plan: ContainerPlan) -> str:
+        extra = [*CONTAINED_DNS, *label_flags(inputs), *health_flags(inputs)]
+        self.objects.create_container(plan.name, [*extra, *plan.create_args])
+        if plan.networks:
+            done = self.docker.call("network", "disconnect", "bridge", plan.name)
+            stderr = done.stderr.decode(errors="replace")
+            if done.returncode != 0 and "is not connected" not in stderr:
+                raise ApplyError(f"disconnecting {plan.name} from bridge: {stderr}")
+            for network in plan.networks:
+                aliases = [*network.aliases, inputs["name"]]
+                flags = [arg for alias in aliases for arg in ("--alias", alias)]
+                self.docker.run("network", "connect", *flags, network.network, plan.name)
+        for upload in plan.uploads:
+            self.docker.run("cp", "-", f"{plan.name}:/", input_bytes=upload_tar(upload))
+        return plan.name
+
+    def logs(self, name: str) -> str:
+        done = self.docker.call("logs", "--tail", "40", name, timeout=30)
+        return (done.stdout + done.stderr).decode(errors="replace")
+
+    def wait_exit(self, name: str, timeout: float = ATTACH_TIMEOUT_S) -> int:
+        code = int(self.docker.run("wait", name, timeout=timeout))
+        return code
+
+    def wait_healthy(self, name: str, deadline: float) -> None:
+        while True:
+            state = self.docker.inspect("container", name)["State"]
+            health = (state.get("Health") or {}).get("Status")
+            if health == "healthy":
+                return
+            if health == "unhealthy" or time.monotonic() > deadline:
+                raise ApplyError(
+                    f"{name} is {health or state['Status']} (waited for healthy):\n"
+                    f"{self.logs(name)}"
+                )
+            time.sleep(POLL_S)
+
+    def apply_container(self, run: ProgramRun, record: Recorded, applied: Applied) -> str:
+        inputs = record.inputs
+        unknown = sorted(
+            k
+            for k, v in inputs.items()
+            if v is not None and k not in CONTAINER_INPUTS | HARNESS_INPUTS
+        )
+        if unknown:
+            raise ApplyError(f"container {inputs['name']}: inputs {unknown} are not applied")
+        plan = self.plan(run, host_bindable(inputs, applied.deviations), applied)
+        name = self.create(inputs, plan)
+        applied.containers[inputs["name"]] = name
+        applied.inputs[inputs["name"]] = dict(inputs)
+        self.docker.run("start", name, timeout=60)
+        if inputs.get("attach"):
+            code = self.wait_exit(name)
+            if code != 0:
+                raise ApplyError(f"{name} exited with {code}:\n{self.logs(name)}")
+        elif inputs.get("mustRun", True) is False:
+            raise ApplyError(f"{name}: mustRun=false without attach is not applied")
+        return name
+
+    # --- the whole stack -----------------------------------------------------------
+    def dependencies(self, run: ProgramRun, record: Recorded) -> list[Recorded]:
+        opts = run.options.get((record.typ, record.name))
+        deps = list(getattr(opts, "depends_on", None) or [])
+        by_name = {(r.typ, r.name): r for r in run.resources}
+        found = []
+        for dep in deps:
+            key = (getattr(dep, "_type", ""), getattr(dep, "_name", ""))
+            if key not in by_name:
+                raise ApplyError(f"{record.name}: dependency {key} is not a recorded resource")
+            found.append(by_name[key])
+        return found
+
+    def apply(
+        self,
+        run: ProgramRun,
+        only: Callable[[Recorded], bool] | None = None,
+    ) -> Applied:
+        """Apply ``run``; ``only`` limits which containers are made (their dependencies
+        outside the selection are not waited for)."""
+        applied = Applied(run.stack)
+        for record in run.resources:
+            if record.typ.startswith(NO_ENGINE_OBJECT) or record.typ in (CONTAINER, IMAGE):
+                continue
+            if record.typ in NOT_APPLIED_HERE:
+                applied.deviations.append(
+                    f"{record.name} not applied: {NOT_APPLIED_HERE[record.typ]}"
+                )
+                print(f"[tests/stack] deviation: {applied.deviations[-1]}", file=sys.__stderr__)
+                continue
+            if record.typ == NETWORK:
+                plan = plan_network(record.inputs, self.rename)
+                with self.lock:
+                    if plan.name not in self.objects.networks:
+                        self.objects.create_network(
+                            plan.name, plan.internal, plan.driver, plan.options
+                        )
+            elif record.typ == VOLUME:
+                unknown = sorted(
+                    k for k, v in record.inputs.items() if v is not None and k not in VOLUME_INPUTS
+                )
+                if unknown:
+                    raise ApplyError(
+                        f"volume {record.inputs['name']}: inputs {unknown} not applied"
+                    )
+                name = self.rename(record.inputs["name"])
+                with self.lock:
+                    if name not in self.objects.volumes:
+                        labels = [
+                            arg
+                            for label in record.inputs.get("labels") or []
+                            for arg in ("--label", f"{label['label']}={label['value']}")
+                        ]
+                        self.objects.volumes.append(name)
+                        self.docker.run(
+                            "volume", "create", "--label", self.objects.label, *labels, name
+                        )
+            else:
+                raise ApplyError(f"resource type {record.typ} ({record.name}) is not applied")
+
+        done: dict[str, Callable[[], None]] = {}  # logical name -> wait until done
+        pending: list[tuple[str, float]] = []
+        for record in run.resources:
+            if record.typ != CONTAINER or (only is not None and not only(record)):
+                continue
+            for dep in self.dependencies(run, record):
+                if dep.typ == CONTAINER and dep.name in done:
+                    done[dep.name]()
+                elif dep.typ == CONTAINER and (only is None or only(dep)):
+                    raise ApplyError(f"{record.name} depends on {dep.name}, not yet applied")
+            name = self.apply_container(run, record, applied)
+            if record.inputs.get("wait"):
+                timeout = float(record.inputs.get("waitTimeout") or 60)
+                deadline = time.monotonic() + timeout
+                pending.append((name, deadline))
+                done[record.name] = functools.partial(self.wait_healthy, name, deadline)
+            else:
+                done[record.name] = lambda: None
+        for name, deadline in pending:
+            self.wait_healthy(name, deadline)
+        return applied
+
+    def update(self, old: ProgramRun, new: ProgramRun, applied: Applied) -> list[str]:
+        """A later `pulumi up`: every container whose declaration changed is replaced,
+        the old one deleted first (the program declares delete-before-replace: names
+        are fixed), in registration order, each after its dependencies are done;
+        everything else is left running. The replaced containers' declared names."""
+        for typ in (NETWORK, VOLUME, IMAGE):
+            before = {r.name: r.inputs for r in old.of_type(typ)}
+            after = {r.name: r.inputs for r in new.of_type(typ)}
+            if before != after:
+                raise ApplyError(f"{typ} declarations changed; update applies containers only")
+        changed = changed_containers(old, new)
+        done: dict[str, Callable[[], None]] = {}
+        pending: list[tuple[str, float]] = []
+        for record in new.resources:
+            if record.typ != CONTAINER or record.name not in changed:
+                continue
+            for dep in self.dependencies(new, record):
+                if dep.name in done:
+                    done[dep.name]()
+            name = applied.containers[record.inputs["name"]]
+            self.docker.run("rm", "-f", "-v", name, timeout=60)
+            self.objects.containers.remove(name)
+            self.apply_container(new, record, applied)
+            if record.inputs.get("wait"):
+                deadline = time.monotonic() + float(record.inputs.get("waitTimeout") or 60)
+                pending.append((name, deadline))
+                done[record.name] = functools.partial(self.wait_healthy, name, deadline)
+        for name, deadline in pending:
+            self.wait_healthy(name, deadline)
+        return [r.inputs["name"] for r in new.resources if r.name in changed]
+
+
+def changed_containers(old: ProgramRun, new: ProgramRun) -> set[str]:
+    """Logical names of the containers a `pulumi up` from ``old`` to ``new`` replaces: any
+    input differs (the provider replaces a container on every input change) or the
+    declared ``replacement_trigger`` changed."""
+    before = {r.name: r for r in old.of_type(CONTAINER)}
+    changed = set()
+    for record in new.of_type(CONTAINER):
+        previous = before.get(record.name)
+        if previous is None:
+            raise ApplyError(f"{record.name} is new; update replaces existing containers only")
+        old_trigger = getattr(
+            old.options.get((CONTAINER, record.name)), "replacement_trigger", None
+        )
+        new_trigger = getattr(
+            new.options.get((CONTAINER, record.name)), "replacement_trigger", None
+        )
+        if previous.inputs != record.inputs or old_trigger != new_trigger:
+            changed.add(record.name)
+    return changed
+
+
+def run_parallel(tasks: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run each task in a thread; the results, or the first error raised."""
+    results: list[Any] = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    def runner(i: int, task: Callable[[], Any]) -> None:
+        try:
+            results[i] = task()
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=runner, args=(i, t)) for i, t in enumerate(tasks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+__all__ = ["Applied", "ApplyError", "DockerError", "StackApplier", "run_parallel"]

@@ -1,0 +1,43 @@
+"""The backup job's volumes on a real engine (issue 11's defect): Docker copies an image
+directory's owner onto an EMPTY named volume when a container first mounts it, so the
+backup image's mount points decide who owns /backups, /scratch and /textfile -- after the
+volume-init job's chown. The job, as declared, must own them and run."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.stack.apply import StackApplier
+from tests.stack.conftest import stack_run
+
+pytestmark = pytest.mark.stack
+
+
+def test_the_backup_job_owns_its_fresh_volumes_and_keeps_running(
+    fresh_applier: StackApplier,
+) -> None:
+    run = stack_run("staging")
+    backup = run.containers["rag-staging-backup"].inputs
+    # The directories the volume-init job hands to the job (Chroma's is the api's).
+    handed_over = {
+        m["target"] for m in run.containers["rag-staging-backup-volume-init"].inputs["mounts"]
+    }
+    # The job alone (its config-init, the volume-init job, the job): no PostgreSQL or
+    # Redis, so the scheduler's catch-up backup fails, but it must write its state.
+    applied = fresh_applier.apply(
+        run, only=lambda r: r.inputs["name"].startswith("rag-staging-backup")
+    )
+    name = applied.containers["rag-staging-backup"]
+    docker = fresh_applier.docker
+    container = docker.inspect("container", name)
+    logs = fresh_applier.logs(name)
+    assert container["State"]["Running"] and container["RestartCount"] == 0, logs
+    assert "PermissionError" not in logs, logs
+    owners = {
+        mount["target"]: docker.run("exec", name, "stat", "-c", "%u:%g", mount["target"])
+        for mount in backup["mounts"]
+        if mount["type"] == "volume" and mount["target"] in handed_over
+    }
+    assert owners and set(owners.values()) == {backup["user"]}, owners
+    listing = docker.run("exec", name, "ls", "-A", "/textfile")
+    assert listing.strip(), "the scheduler wrote nothing into its textfile volume"
