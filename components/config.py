@@ -19,6 +19,8 @@ from typing import Any
 
 import pulumi
 
+from components.monitoring_config import SloObjectives, slo_problems
+
 PROJECT = "personal-rag"
 
 PROD = "prod"
@@ -166,6 +168,7 @@ class StackConfig:
     adopt_volumes: Mapping[str, str] = field(default_factory=dict)
     docs_host_path: str | None = None
     mds_host_path: str | None = None
+    slo: SloObjectives = field(default_factory=SloObjectives)
 
     @property
     def is_prod(self) -> bool:
@@ -217,6 +220,9 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "cacheHitsMetric": ("rag_cache_hits_total", False),
     "cacheMissesMetric": ("rag_cache_misses_total", False),
     "llmErrorsMetric": ("rag_llm_errors_total", False),
+    "sloAvailability": ("99.5", False),
+    "sloLatency": ("99", False),
+    "sloLatencyThreshold": ("1", False),
 }
 KNOWN_KEYS = frozenset(_KEYS)
 SECRET_KEYS = frozenset(k for k, (_, secret) in _KEYS.items() if secret)
@@ -462,6 +468,31 @@ def _parse_adopt_volumes(c: _Collector) -> dict[str, str]:
     return result
 
 
+# SloObjectives field -> stack config key.
+_SLO_KEYS = {
+    "availability_percent": "sloAvailability",
+    "latency_percent": "sloLatency",
+    "latency_threshold_seconds": "sloLatencyThreshold",
+}
+
+
+def _parse_slo(c: _Collector) -> SloObjectives:
+    """The api's SLOs; the checks are the monitoring's own (slo_problems)."""
+    numbers: dict[str, float] = {}
+    for name, key in _SLO_KEYS.items():
+        value = c.get(key) or ""
+        try:
+            numbers[name] = float(value)
+        except ValueError:
+            c.fail(key, value, "a number, e.g. 99.5")
+    if len(numbers) < len(_SLO_KEYS):
+        return SloObjectives()
+    slo = SloObjectives(**numbers)
+    for name, expected in slo_problems(slo).items():
+        c.fail(_SLO_KEYS[name], c.get(_SLO_KEYS[name]), expected)
+    return slo
+
+
 def parse_stack_config(
     stack: str,
     raw: Mapping[str, str],
@@ -521,6 +552,7 @@ def parse_stack_config(
         adopt_volumes=_parse_adopt_volumes(c),
         docs_host_path=_host_path(c, "docsHostPath", must_exist=local_engine),
         mds_host_path=_host_path(c, "mdsHostPath", must_exist=local_engine),
+        slo=_parse_slo(c),
     )
     if c.problems:
         raise ConfigError(c.problems)
