@@ -19,6 +19,7 @@ def settings(**overrides: Any) -> MonitoringSettings:
         "smtp_smarthost": "smtp.example.com:587",
         "smtp_from": "alerts@example.com",
         "smtp_username": "alerts@example.com",
+        "domain": "staging.api.example.com",
     }
     return MonitoringSettings(**{**values, **overrides})
 
