@@ -856,9 +856,17 @@ def render_blackbox_config(settings: MonitoringSettings) -> dict[str, Any]:
             PROBE_MODULES[PROBE_REDIS]: {
                 "prober": "tcp",
                 "timeout": PROBE_TIMEOUT,
-                # Mutual TLS: Redis completes the handshake only with a client certificate
-                # of the stack's CA, so the probe presents its own.
-                "tcp": {"preferred_ip_protocol": "ip4", "tls": True, "tls_config": redis_tls},
+                # Mutual TLS: Redis serves only a client with a certificate of the stack's
+                # CA, so the probe presents its own. Under TLS 1.3 the client's side of the
+                # handshake ends before Redis checks that certificate, so the probe also
+                # waits for an answer: PING is the one command the ACL's passwordless
+                # default user may run.
+                "tcp": {
+                    "preferred_ip_protocol": "ip4",
+                    "tls": True,
+                    "tls_config": redis_tls,
+                    "query_response": [{"send": "PING"}, {"expect": "^[+]PONG"}],
+                },
             },
         }
     }
