@@ -20,7 +20,7 @@ import logging
 import secrets
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +100,7 @@ def make_probe_certs(directory: Path, redis_days: float) -> ProbeCerts:
     )
 
     def issue(
-        name: str, days: float, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
+        name: str, days: float, usage: x509.ObjectIdentifier, sans: Sequence[x509.GeneralName]
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
