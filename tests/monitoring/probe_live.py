@@ -67,6 +67,9 @@ class ProbeCerts:
     site_cert: Path
     site_key: Path
     probe_dir: Path  # ca.crt, client.crt, client.key as the blackbox container gets them
+    # A second Redis server pair expiring in ``spare_days``, to swap in (benchmark).
+    spare_redis_cert: Path
+    spare_redis_key: Path
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -80,9 +83,10 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.chmod(0o600)
 
 
-def make_probe_certs(directory: Path, redis_days: float) -> ProbeCerts:
-    """A CA; a Redis server certificate valid ``redis_days`` more days; the probe's client
-    certificate; the site's certificate for DOMAIN (valid SITE_CERT_DAYS)."""
+def make_probe_certs(directory: Path, redis_days: float, spare_days: float = 5) -> ProbeCerts:
+    """A CA; a Redis server certificate valid ``redis_days`` more days (and a spare one
+    valid ``spare_days``); the probe's client certificate; the site's certificate for
+    DOMAIN (valid SITE_CERT_DAYS)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -120,6 +124,7 @@ def make_probe_certs(directory: Path, redis_days: float) -> ProbeCerts:
     loopback = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     server = ExtendedKeyUsageOID.SERVER_AUTH
     redis_cert, redis_key = issue("rag-staging-redis", redis_days, server, loopback)
+    spare_cert, spare_key = issue("rag-staging-redis", spare_days, server, loopback)
     site_cert, site_key = issue(DOMAIN, SITE_CERT_DAYS, server, [x509.DNSName(DOMAIN)])
     client_cert, client_key = issue(
         "rag-staging-blackbox-exporter", 90, ExtendedKeyUsageOID.CLIENT_AUTH, []
@@ -140,7 +145,11 @@ def make_probe_certs(directory: Path, redis_days: float) -> ProbeCerts:
         site_cert=directory / "site.crt",
         site_key=directory / "site.key",
         probe_dir=probe_dir,
+        spare_redis_cert=directory / "redis-spare.crt",
+        spare_redis_key=directory / "redis-spare.key",
     )
+    paths.spare_redis_cert.write_bytes(pem(spare_cert))
+    _write_key(paths.spare_redis_key, spare_key)
     paths.ca.write_bytes(pem(ca))
     paths.redis_cert.write_bytes(pem(redis_cert))
     _write_key(paths.redis_key, redis_key)
@@ -191,6 +200,18 @@ class ProbePipeline:
     site: Site
     textfile_dir: Path
     ports: dict[str, int]
+    certs: ProbeCerts
+
+    def swap_redis_certificates(self) -> None:
+        """Exchange Redis's server pair with the spare one and restart Redis: what a
+        missed (or a done) renewal looks like to the probe."""
+        c = self.certs
+        for live, spare in ((c.redis_cert, c.spare_redis_cert), (c.redis_key, c.spare_redis_key)):
+            held = live.read_bytes()
+            live.write_bytes(spare.read_bytes())
+            spare.write_bytes(held)
+        self.live.stop_redis()
+        self.live.start_redis()
 
     def close(self) -> None:
         self.live.close()
@@ -204,6 +225,7 @@ def start_probe_pipeline(
     root: Path,
     redis_cert_days: float,
     make_settings: Callable[[dict[str, int], str, Path], MonitoringSettings],
+    spare_redis_cert_days: float = 5,
 ) -> ProbePipeline:
     """Start everything under ``root``; ``make_settings(ports, smtp_password_file,
     probe_tls_dir)`` builds the settings the files are rendered from."""
@@ -225,7 +247,7 @@ def start_probe_pipeline(
     password_file.write_text(smtp_password)
     password_file.chmod(0o600)
 
-    certs = make_probe_certs(root / "tls", redis_cert_days)
+    certs = make_probe_certs(root / "tls", redis_cert_days, spare_redis_cert_days)
     monitoring = make_settings(ports, str(password_file), certs.probe_dir)
     config_dir = root / "config"
     config_dir.mkdir(exist_ok=True)
@@ -309,7 +331,9 @@ def start_probe_pipeline(
         ports=ports,
     )
     site = Site(ports["site"], certs)
-    pipeline = ProbePipeline(live=live, site=site, textfile_dir=textfile_dir, ports=ports)
+    pipeline = ProbePipeline(
+        live=live, site=site, textfile_dir=textfile_dir, ports=ports, certs=certs
+    )
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     try:
         controller = SinkController(
