@@ -960,8 +960,11 @@ def site_cert_threshold_seconds(s: MonitoringSettings) -> float:
     return s.thresholds.cert_expiry_days * 86400
 
 
-# Caddy instruments every handler of the chain; reverse_proxy sees each api request once.
-_CADDY_API = f'job="{JOB_CADDY}",handler="reverse_proxy"'
+# Caddy instruments the top-level handlers of each server's routes. The generated site has
+# a host matcher, so its whole chain (encode, reverse_proxy) is one `subroute`: one sample
+# per api request. The metrics listener's own handler is "metrics". Measured on real Caddy
+# with the generated Caddyfile (tests/monitoring/test_slo_on_real_caddy.py).
+_CADDY_API = f'job="{JOB_CADDY}",handler="subroute"'
 
 
 def slo_bad_ratio(s: MonitoringSettings, kind: SloKind, window: str) -> str:
@@ -979,10 +982,10 @@ def slo_bad_ratio(s: MonitoringSettings, kind: SloKind, window: str) -> str:
         # A counter that never moved does not exist yet: count it as 0.
         return f"((({errors}) or vector(0)) + (({answered_5xx}) or vector(0))) / {total}"
     threshold = _num(s.slo.latency_threshold_seconds)
-    fast = (
-        f"sum(rate(caddy_http_request_duration_seconds_bucket"
-        f'{{{_CADDY_API},le="{threshold}"}}[{window}]))'
-    )
+    # Measured: Caddy's text format says le="1", its OpenMetrics format (which Prometheus
+    # asks for) le="1.0"; match both spellings of a whole-second bucket.
+    le = f'le=~"{threshold}(\\\\.0)?"' if "." not in threshold else f'le="{threshold}"'
+    fast = f"sum(rate(caddy_http_request_duration_seconds_bucket{{{_CADDY_API},{le}}}[{window}]))"
     answered = f"sum(rate({count}{{{_CADDY_API}}}[{window}]))"
     return f"(1 - {fast} / {answered})"
 

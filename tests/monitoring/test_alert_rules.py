@@ -414,7 +414,7 @@ def _probe_scenarios() -> dict[str, list[Scenario]]:
     }
 
 
-CADDY = 'job="caddy",instance="rag-staging-caddy:2020",handler="reverse_proxy",server="srv0"'
+CADDY = 'job="caddy",instance="rag-staging-caddy:2020",handler="subroute",server="srv0"'
 
 
 def _caddy_traffic(

@@ -35,7 +35,7 @@ def test_defaults_and_values_reach_the_rules() -> None:
     fast = BURN_WINDOWS[0]
     # 14.4 x a 0.1 % budget.
     assert "> 0.0144)" in burn_rate_expression(monitoring, availability, fast)
-    assert 'le="1"' in burn_rate_expression(monitoring, latency, fast)
+    assert 'le=~"1(' in burn_rate_expression(monitoring, latency, fast)
 
 
 @pytest.mark.parametrize(
