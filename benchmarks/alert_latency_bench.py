@@ -89,7 +89,7 @@ def bench_settings(scale: float) -> tuple[float, object]:
             group_wait=scaled(p.group_wait, scale),
             group_interval=scaled(p.group_interval, scale),
             repeat_interval=scaled(p.repeat_interval, scale),
-            critical_repeat_interval=scaled(p.critical_repeat_interval, scale),
+            page_repeat_interval=scaled(p.page_repeat_interval, scale),
             targets=pipeline_targets(ports),
             alert_for_overrides={ALERT: scaled(p.alert_for(ALERT), scale)},
         )
@@ -156,7 +156,7 @@ def probe_settings(
                 "group_wait",
                 "group_interval",
                 "repeat_interval",
-                "critical_repeat_interval",
+                "page_repeat_interval",
                 "digest_group_wait",
                 "digest_interval",
             )

@@ -525,7 +525,7 @@ class MonitoringSettings:
     group_wait: str = "30s"
     group_interval: str = "5m"
     repeat_interval: str = "4h"
-    critical_repeat_interval: str = "1h"
+    page_repeat_interval: str = "1h"
     metrics: AppMetricNames = field(default_factory=AppMetricNames)
     thresholds: AlertThresholds = field(default_factory=AlertThresholds)
     # job -> host:port; None means the Docker names of default_targets(stack). A job left out
@@ -657,7 +657,7 @@ def _validate(s: MonitoringSettings) -> list[str]:
         "group_wait": s.group_wait,
         "group_interval": s.group_interval,
         "repeat_interval": s.repeat_interval,
-        "critical_repeat_interval": s.critical_repeat_interval,
+        "page_repeat_interval": s.page_repeat_interval,
         "thresholds.backup_max_age": s.thresholds.backup_max_age,
         "thresholds.restore_drill_max_age": s.thresholds.restore_drill_max_age,
         "thresholds.volume_fill_lookback": s.thresholds.volume_fill_lookback,
@@ -1123,7 +1123,7 @@ def render_alertmanager_config(settings: MonitoringSettings) -> dict[str, Any]:
                 {
                     "receiver": PAGE_RECEIVER,
                     "matchers": [f'severity="{SEVERITY_PAGE}"'],
-                    "repeat_interval": settings.critical_repeat_interval,
+                    "repeat_interval": settings.page_repeat_interval,
                 },
                 {
                     # Every open ticket of the stack in one group: one mail, at most daily.
