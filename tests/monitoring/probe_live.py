@@ -179,7 +179,11 @@ class Site:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a probe cut off at shutdown is not news
+
+        self.server = Server(("127.0.0.1", port), Handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certs.site_cert, certs.site_key)
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
