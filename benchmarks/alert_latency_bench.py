@@ -46,6 +46,8 @@ from components.monitoring_config import (
     MonitoringSettings,
     parse_duration,
 )
+from rag_backup.metrics import COMPONENTS as BACKUP_COMPONENTS
+from rag_backup.metrics import write_backup_metrics
 from rag_backup.schedule import Schedule, write_scheduler_metrics
 from tests.monitoring import probe_live
 from tests.monitoring.live import (
@@ -124,6 +126,17 @@ def _set_site(status: int) -> Callable[[probe_live.ProbePipeline], None]:
 def _backup_job(ok: bool) -> Callable[[probe_live.ProbePipeline], None]:
     def apply(p: probe_live.ProbePipeline) -> None:
         schedule = Schedule.parse("03:00", "sun", "04:30")
+        if ok:
+            # A recent successful backup, as rag-backup writes it: without it BackupTooOld
+            # (a ticket too) opens the digest group after 15 minutes and BackupJobFailed
+            # would wait for that group's flush instead of a fresh digest's group_wait.
+            write_backup_metrics(
+                p.textfile_dir,
+                success=True,
+                run_timestamp=time.time(),
+                durations=dict.fromkeys(BACKUP_COMPONENTS, 1.0),
+                sizes=dict.fromkeys(BACKUP_COMPONENTS, 1),
+            )
         write_scheduler_metrics(p.textfile_dir, dt.datetime.now(dt.UTC), schedule, {"backup": ok})
 
     return apply
