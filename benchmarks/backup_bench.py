@@ -416,7 +416,7 @@ def main() -> int:
         # (B's rollback copies are removed, untimed).
         for kept in (
             pg.data_dir.parent / f"{pg.data_dir.name}.pre-restore-{ids['physical']}",
-            chroma_dir.parent / f"{chroma_dir.name}.pre-restore-{ids['physical']}",
+            chroma_dir / f".rag-pre-restore-{ids['physical']}",
             redis_data / f"rag-pre-restore-{ids['physical']}",
         ):
             shutil.rmtree(kept)

@@ -14,17 +14,31 @@ Image users (why each container runs as it does, with every capability dropped):
 - Redis runs as ``redis`` from the start for the same reason (no gosu).
 - Caddy runs as the image's root with only NET_BIND_SERVICE (binds 80/443 inside).
 - The api runs as ``apiUser`` (default 1000:1000), the app image's unprivileged user.
+
+Shape: each service is a pure spec builder (``redis_spec``, ``postgres_spec``,
+``migration_spec``, ``api_spec``, ``caddy_spec``) that returns its ``ServiceSpec`` from
+``AppStackInputs``; ``AppStack`` only creates the shared networks and volumes and declares
+each spec hardened. A new service is a new builder and one ``declare`` line. Clients build
+their PostgreSQL/Redis settings with ``components.clients``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_docker as docker
 
+from components.clients import (
+    client_pgpass,
+    libpq_env,
+    postgres_url,
+    redis_client_env,
+    redis_client_url,
+)
 from components.config import StackConfig
 from components.containers import (
     CONFIG_DIR,
@@ -38,25 +52,27 @@ from components.containers import (
     stack_volume,
     volume_mount,
 )
+from components.images import image
 from components.redis_tls import RedisTls
 from components.service_files import (
     API_PORT,
+    POSTGRES_APP_USER,
     POSTGRES_DB,
     POSTGRES_USER,
     REDIS_PORT,
+    PostgresPasswords,
     RedisServerPaths,
     render_caddyfile,
     render_pg_hba,
-    render_pgpass,
     render_postgres_migration,
     render_redis_acl,
     render_redis_conf,
 )
 from components.stack_secrets import StackSecrets
 
-REDIS_IMAGE = "redis:7.4.2-alpine"
-POSTGRES_IMAGE = "postgres:15.10-bookworm"
-CADDY_IMAGE = "caddy:2.8.4-alpine"
+REDIS_IMAGE = image("redis")
+POSTGRES_IMAGE = image("postgres")
+CADDY_IMAGE = image("caddy")
 POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # the volume's mount point
 POSTGRES_SOCKET_DIR = "/var/run/postgresql"
 CHROMA_DIR = "/workspace/data/chroma"
@@ -66,18 +82,12 @@ API_TLS_DIR = f"{CONFIG_DIR}/tls"
 API_SECRETS_DIR = f"{CONFIG_DIR}/secrets"
 
 
-def _now_utc() -> str:
-    return dt.datetime.now(dt.UTC).isoformat()
-
-
 @dataclass(frozen=True)
 class AppStackArgs:
     config: StackConfig
     image_ref: pulumi.Input[str]
     secrets: StackSecrets
     redis_tls: RedisTls
-    # Changes on every `pulumi up`, so the migration job runs on every deploy.
-    deploy_id: str = field(default_factory=_now_utc)
 
 
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
@@ -102,14 +112,217 @@ def postgres_pgdata(cfg: StackConfig) -> str:
     return f"{POSTGRES_DATA_DIR}/pgdata"
 
 
-def redis_client_url(cfg: StackConfig, user: str, tls_dir: str) -> str:
-    """rediss:// URL with CA verification and the client certificate; no password in it
-    (clients read REDIS_PASSWORD_FILE). Query names are redis-py's connection kwargs."""
-    host = cfg.resource_name("redis")
-    return (
-        f"rediss://{user}@{host}:{REDIS_PORT}/0?ssl_cert_reqs=required"
-        f"&ssl_ca_certs={tls_dir}/ca.crt&ssl_certfile={tls_dir}/client.crt"
-        f"&ssl_keyfile={tls_dir}/client.key"
+@dataclass(frozen=True)
+class AppStackInputs:
+    """What the spec builders need beyond the config: networks, volumes, secrets, certs."""
+
+    config: StackConfig
+    frontend: docker.Network
+    backend: docker.Network
+    volumes: Mapping[str, pulumi.Input[str]]  # redis, postgres, chroma, caddy-*, socket
+    docs_mounts: Sequence[docker.ContainerMountArgs]
+    secrets: StackSecrets
+    tls: RedisTls
+    image_ref: pulumi.Input[str]
+
+
+def redis_spec(inputs: AppStackInputs) -> ServiceSpec:
+    """Redis: TLS only, ACL users from a file, AOF on."""
+    paths = RedisServerPaths()
+    secrets, tls = inputs.secrets, inputs.tls
+    acl = pulumi.Output.all(**dict(secrets.redis_passwords.items())).apply(render_redis_acl)
+    ping_over_tls = [
+        *("redis-cli", "--tls", "--cacert", paths.ca_file),
+        *("--cert", paths.cert_file, "--key", paths.key_file),
+        *("-h", "localhost", "-p", str(REDIS_PORT), "ping"),
+    ]
+    return ServiceSpec(
+        service="redis",
+        image=REDIS_IMAGE,
+        command=["redis-server", f"{CONFIG_DIR}/redis.conf"],
+        user="redis",
+        files_owner="redis:redis",
+        networks=[NetworkAttachment(inputs.backend, aliases=["redis"])],
+        mounts=[volume_mount(inputs.volumes["redis"], paths.data_dir)],
+        tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"},
+        memory_mb=512,
+        healthcheck=["CMD", *ping_over_tls],
+        files=[
+            ConfigFile("redis.conf", render_redis_conf(paths)),
+            ConfigFile("users.acl", pulumi.Output.secret(acl), secret=True),
+            ConfigFile("tls/ca.crt", tls.ca_cert_pem),
+            ConfigFile("tls/server.crt", tls.server.cert_pem),
+            ConfigFile("tls/server.key", tls.server.key_pem, secret=True),
+        ],
+    )
+
+
+def postgres_spec(inputs: AppStackInputs) -> ServiceSpec:
+    """PostgreSQL: superuser password from a file, scram-sha-256, no published port."""
+    return ServiceSpec(
+        service="postgres",
+        image=POSTGRES_IMAGE,
+        command=[
+            *("postgres", "-c", "password_encryption=scram-sha-256"),
+            *("-c", f"hba_file={CONFIG_DIR}/pg_hba.conf"),
+        ],
+        user="postgres",
+        files_owner="postgres:postgres",
+        env={
+            "POSTGRES_USER": POSTGRES_USER,
+            "POSTGRES_DB": POSTGRES_DB,
+            "POSTGRES_PASSWORD_FILE": f"{CONFIG_DIR}/secrets/postgres_password",
+            "POSTGRES_INITDB_ARGS": "--auth-host=scram-sha-256",
+            "POSTGRES_HOST_AUTH_METHOD": "scram-sha-256",
+            "PGDATA": postgres_pgdata(inputs.config),
+        },
+        networks=[NetworkAttachment(inputs.backend, aliases=["postgres"])],
+        mounts=[
+            volume_mount(inputs.volumes["postgres"], POSTGRES_DATA_DIR),
+            volume_mount(inputs.volumes["postgres-socket"], POSTGRES_SOCKET_DIR),
+        ],
+        tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
+        memory_mb=1024,
+        # Over TCP: the entrypoint's first-init server listens on the socket only,
+        # so this turns healthy once the real server runs (not during initdb).
+        healthcheck=[
+            *("CMD", "pg_isready", "-h", "127.0.0.1"),
+            *("-U", POSTGRES_USER, "-d", POSTGRES_DB),
+        ],
+        files=[
+            ConfigFile("pg_hba.conf", render_pg_hba()),
+            ConfigFile("secrets/postgres_password", inputs.secrets.postgres_password, secret=True),
+        ],
+    )
+
+
+def migration_sql(secrets: StackSecrets) -> pulumi.Output[str]:
+    """The migration job's SQL (role verifiers inside), a secret Output."""
+    sql = pulumi.Output.all(
+        secrets.postgres_password,
+        secrets.postgres_app_password,
+        secrets.postgres_backup_password,
+        secrets.postgres_monitor_password,
+    ).apply(lambda pws: render_postgres_migration(PostgresPasswords(*pws)))
+    return pulumi.Output.secret(sql)
+
+
+def migration_trigger(sql: pulumi.Input[str], postgres: docker.Container) -> pulumi.Output[str]:
+    """When the migration job must run again: its SQL changed (roles, passwords, grants,
+    extensions) or the PostgreSQL container it targets was replaced (new image, new
+    volume, a restore that recreated it). Derived from the SQL, so it stays a secret."""
+
+    def digest(parts: list[str]) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
+    hashed = pulumi.Output.all(sql, POSTGRES_IMAGE, postgres.id).apply(digest)
+    return pulumi.Output.secret(hashed)
+
+
+def migration_spec(inputs: AppStackInputs, sql: pulumi.Input[str]) -> ServiceSpec:
+    """One-shot psql job: pgcrypto and roles, also over adopted data."""
+    return ServiceSpec(
+        service="postgres-migrate",
+        image=POSTGRES_IMAGE,
+        # Superuser over the shared Unix socket (the image trusts local connections),
+        # so it also works on adopted data with an old password.
+        command=[
+            *("psql", "-h", POSTGRES_SOCKET_DIR, "-U", POSTGRES_USER, "-d", POSTGRES_DB),
+            *("-f", f"{CONFIG_DIR}/migrate.sql"),
+        ],
+        user="postgres",
+        files_owner="postgres:postgres",
+        mounts=[volume_mount(inputs.volumes["postgres-socket"], POSTGRES_SOCKET_DIR)],
+        memory_mb=128,
+        healthcheck=["NONE"],
+        files=[ConfigFile("migrate.sql", sql, secret=True)],
+        one_shot=True,
+    )
+
+
+def api_spec(inputs: AppStackInputs) -> ServiceSpec:
+    """The api: Chroma embedded (data volume), docs read-only, Redis over mTLS."""
+    cfg, secrets = inputs.config, inputs.secrets
+    api_tls = inputs.tls.clients["api"]
+    pgpass_file = f"{API_SECRETS_DIR}/pgpass"
+    return ServiceSpec(
+        service="api",
+        image=inputs.image_ref,
+        user=cfg.app.user,
+        files_owner=cfg.app.user,
+        networks=[
+            NetworkAttachment(inputs.frontend, aliases=["api"]),
+            NetworkAttachment(inputs.backend, aliases=["api"]),
+        ],
+        mounts=[volume_mount(inputs.volumes["chroma"], CHROMA_DIR), *inputs.docs_mounts],
+        tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
+        memory_mb=2048,
+        cpu_shares=1024,
+        healthcheck=[
+            *("CMD", "python", "-c"),
+            "import urllib.request; "
+            f"urllib.request.urlopen('http://127.0.0.1:{API_PORT}/health', timeout=5)",
+        ],
+        health_start_period="60s",
+        env={
+            "ENVIRONMENT": cfg.stack,
+            "LOG_LEVEL": cfg.app.log_level,
+            "SESSION_QUERIES_PER_HOUR": str(cfg.app.session_queries_per_hour),
+            "CHROMA_PERSIST_DIR": CHROMA_DIR,
+            **redis_client_env(cfg, "app", API_TLS_DIR, f"{API_SECRETS_DIR}/redis_password"),
+            "SESSION_REDIS_URL": redis_client_url(cfg, "app", API_TLS_DIR),
+            **libpq_env(cfg, POSTGRES_APP_USER, pgpass_file),
+            "PGSSLMODE": "prefer",
+            "DATABASE_URL": postgres_url(cfg, POSTGRES_APP_USER),
+            "DATA_ENCRYPTION_KEY_FILE": f"{API_SECRETS_DIR}/data_encryption_key",
+        },
+        files=[
+            ConfigFile("tls/ca.crt", inputs.tls.ca_cert_pem),
+            ConfigFile("tls/client.crt", api_tls.cert_pem),
+            ConfigFile("tls/client.key", api_tls.key_pem, secret=True),
+            ConfigFile("secrets/redis_password", secrets.redis_passwords["app"], secret=True),
+            ConfigFile(
+                "secrets/pgpass",
+                client_pgpass(cfg, POSTGRES_APP_USER, secrets.postgres_app_password),
+                secret=True,
+            ),
+            ConfigFile("secrets/data_encryption_key", secrets.data_encryption_key, secret=True),
+        ],
+    )
+
+
+def caddy_spec(inputs: AppStackInputs) -> ServiceSpec:
+    """Caddy: the only public entry point (prod); 127.0.0.1 elsewhere."""
+    cfg = inputs.config
+    bind_ip = "0.0.0.0" if cfg.ports.caddy_public else "127.0.0.1"  # noqa: S104
+    upstream = f"{cfg.resource_name('api')}:{API_PORT}"
+    return ServiceSpec(
+        service="caddy",
+        image=CADDY_IMAGE,
+        command=["caddy", "run", "--config", f"{CONFIG_DIR}/Caddyfile"],
+        capabilities=["NET_BIND_SERVICE"],
+        files_owner="root:root",
+        networks=[NetworkAttachment(inputs.frontend)],
+        ports=[
+            PublishedPort(80, cfg.ports.http, bind_ip),
+            PublishedPort(443, cfg.ports.https, bind_ip),
+        ],
+        mounts=[
+            volume_mount(inputs.volumes["caddy-data"], "/data"),
+            volume_mount(inputs.volumes["caddy-state"], "/config"),
+        ],
+        tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"},
+        memory_mb=256,
+        healthcheck=["CMD", "wget", "-q", "-O", "/dev/null", "http://localhost:2019/config/"],
+        files=[
+            ConfigFile(
+                "Caddyfile",
+                render_caddyfile(cfg.domain, upstream, cfg.caddy_tls, cfg.alert_email),
+            )
+        ],
     )
 
 
@@ -140,269 +353,44 @@ class AppStack(pulumi.ComponentResource):
             options={BRIDGE_NAME_OPTION: backend_bridge_name(cfg.stack)},
             opts=child,
         )
-
-        self.volume_names = {}
-        for role in ("redis", "postgres", "chroma"):
-            adopted = cfg.adopt_volumes.get(role)
-            if adopted:
-                # Today's compose volume, used in place and never managed: Pulumi cannot
-                # delete what it did not create.
-                self.volume_names[role] = pulumi.Output.from_input(adopted)
-            else:
-                self.volume_names[role] = stack_volume(n(f"{role}-data"), self, "data", True).name
-        postgres_socket = stack_volume(n("postgres-socket"), self, "socket", False)
-        caddy_data = stack_volume(n("caddy-data"), self, "certificates", True)
-        caddy_state = stack_volume(n("caddy-state"), self, "state", False)
-
-        secrets = args.secrets
-        tls = args.redis_tls
-
-        # --- Redis: TLS only, ACL users from a file, AOF on.
-        redis_paths = RedisServerPaths()
-        acl = pulumi.Output.all(**{user: pw for user, pw in secrets.redis_passwords.items()}).apply(
-            lambda pws: render_redis_acl(pws)
-        )
-        redis_cli_tls = [
-            "redis-cli",
-            "--tls",
-            "--cacert",
-            redis_paths.ca_file,
-            "--cert",
-            redis_paths.cert_file,
-            "--key",
-            redis_paths.key_file,
-            "-h",
-            "localhost",
-            "-p",
-            str(REDIS_PORT),
-            "ping",
-        ]
-        redis = hardened_container(
-            n("redis"),
-            ServiceSpec(
-                service="redis",
-                image=REDIS_IMAGE,
-                command=["redis-server", f"{CONFIG_DIR}/redis.conf"],
-                user="redis",
-                files_owner="redis:redis",
-                networks=[NetworkAttachment(self.backend_network, aliases=["redis"])],
-                mounts=[volume_mount(self.volume_names["redis"], redis_paths.data_dir)],
-                tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"},
-                memory_mb=512,
-                healthcheck=["CMD", *redis_cli_tls],
-                files=[
-                    ConfigFile("redis.conf", render_redis_conf(redis_paths)),
-                    ConfigFile("users.acl", pulumi.Output.secret(acl), secret=True),
-                    ConfigFile("tls/ca.crt", tls.ca_cert_pem),
-                    ConfigFile("tls/server.crt", tls.server.cert_pem),
-                    ConfigFile("tls/server.key", tls.server.key_pem, secret=True),
-                ],
-            ),
-            parent=self,
+        self.volume_names = self._data_volumes(cfg)
+        inputs = AppStackInputs(
+            config=cfg,
+            frontend=self.frontend_network,
+            backend=self.backend_network,
+            volumes={
+                **self.volume_names,
+                "postgres-socket": stack_volume(n("postgres-socket"), self, "socket", False).name,
+                "caddy-data": stack_volume(n("caddy-data"), self, "certificates", True).name,
+                "caddy-state": stack_volume(n("caddy-state"), self, "state", False).name,
+            },
+            docs_mounts=self._docs_mounts(cfg),
+            secrets=args.secrets,
+            tls=args.redis_tls,
+            image_ref=args.image_ref,
         )
 
-        # --- PostgreSQL: password from a file, scram-sha-256, no published port.
-        postgres = hardened_container(
-            n("postgres"),
-            ServiceSpec(
-                service="postgres",
-                image=POSTGRES_IMAGE,
-                command=[
-                    "postgres",
-                    "-c",
-                    "password_encryption=scram-sha-256",
-                    "-c",
-                    f"hba_file={CONFIG_DIR}/pg_hba.conf",
-                ],
-                user="postgres",
-                files_owner="postgres:postgres",
-                env={
-                    "POSTGRES_USER": POSTGRES_USER,
-                    "POSTGRES_DB": POSTGRES_DB,
-                    "POSTGRES_PASSWORD_FILE": f"{CONFIG_DIR}/secrets/postgres_password",
-                    "POSTGRES_INITDB_ARGS": "--auth-host=scram-sha-256",
-                    "POSTGRES_HOST_AUTH_METHOD": "scram-sha-256",
-                    "PGDATA": postgres_pgdata(cfg),
-                },
-                networks=[NetworkAttachment(self.backend_network, aliases=["postgres"])],
-                mounts=[
-                    volume_mount(self.volume_names["postgres"], POSTGRES_DATA_DIR),
-                    volume_mount(postgres_socket.name, POSTGRES_SOCKET_DIR),
-                ],
-                tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
-                memory_mb=1024,
-                # Over TCP: the entrypoint's first-init server listens on the socket only,
-                # so this turns healthy once the real server runs (not during initdb).
-                healthcheck=[
-                    "CMD",
-                    "pg_isready",
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    POSTGRES_USER,
-                    "-d",
-                    POSTGRES_DB,
-                ],
-                files=[
-                    ConfigFile("pg_hba.conf", render_pg_hba()),
-                    ConfigFile("secrets/postgres_password", secrets.postgres_password, secret=True),
-                ],
-            ),
-            parent=self,
-        )
+        def declare(spec: ServiceSpec, **kwargs: Any) -> docker.Container:
+            return hardened_container(n(spec.service), spec, parent=self, **kwargs)
 
-        # --- Migrations on every deploy, also over adopted data: pgcrypto, roles.
-        migration = pulumi.Output.all(
-            secrets.postgres_password, secrets.postgres_monitor_password
-        ).apply(lambda pws: render_postgres_migration(pws[0], pws[1]))
-        migrate = hardened_container(
-            n("postgres-migrate"),
-            ServiceSpec(
-                service="postgres-migrate",
-                image=POSTGRES_IMAGE,
-                # Superuser over the shared Unix socket (the image trusts local
-                # connections), so it also works on adopted data with an old password.
-                command=[
-                    "psql",
-                    "-h",
-                    POSTGRES_SOCKET_DIR,
-                    "-U",
-                    POSTGRES_USER,
-                    "-d",
-                    POSTGRES_DB,
-                    "-f",
-                    f"{CONFIG_DIR}/migrate.sql",
-                ],
-                user="postgres",
-                files_owner="postgres:postgres",
-                mounts=[volume_mount(postgres_socket.name, POSTGRES_SOCKET_DIR)],
-                memory_mb=128,
-                healthcheck=["NONE"],
-                files=[ConfigFile("migrate.sql", pulumi.Output.secret(migration), secret=True)],
-                one_shot=True,
-            ),
-            parent=self,
+        redis = declare(redis_spec(inputs))
+        postgres = declare(postgres_spec(inputs))
+        # Created on the first deploy (pgcrypto and roles also over adopted data), then
+        # re-run only when its SQL or its server changes: previews stay quiet.
+        sql = migration_sql(args.secrets)
+        migrate = declare(
+            migration_spec(inputs, sql),
             depends_on=[postgres],
-            # Every deploy: also after a restore or over adopted data, not only on a new
-            # volume. The SQL is idempotent. (`pulumi preview` shows this as a replace.)
-            replacement_trigger=args.deploy_id,
+            replacement_trigger=migration_trigger(sql, postgres),
         )
         migration_ok = require_success(migrate, n("postgres-migrate"))
-
-        # --- The api: Chroma embedded (data volume), docs read-only, Redis over mTLS.
-        redis_url = redis_client_url(cfg, "app", API_TLS_DIR)
-        pgpass = secrets.postgres_password.apply(
-            lambda pw: render_pgpass(n("postgres"), POSTGRES_USER, pw, POSTGRES_DB)
-        )
-        api_tls = tls.clients["api"]
-        api = hardened_container(
-            n("api"),
-            ServiceSpec(
-                service="api",
-                image=args.image_ref,
-                user=cfg.app.user,
-                files_owner=cfg.app.user,
-                networks=[
-                    NetworkAttachment(self.frontend_network, aliases=["api"]),
-                    NetworkAttachment(self.backend_network, aliases=["api"]),
-                ],
-                mounts=[
-                    volume_mount(self.volume_names["chroma"], CHROMA_DIR),
-                    *self._docs_mounts(cfg),
-                ],
-                tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
-                memory_mb=2048,
-                cpu_shares=1024,
-                healthcheck=[
-                    "CMD",
-                    "python",
-                    "-c",
-                    "import urllib.request; "
-                    f"urllib.request.urlopen('http://127.0.0.1:{API_PORT}/health', timeout=5)",
-                ],
-                health_start_period="60s",
-                env={
-                    "ENVIRONMENT": cfg.stack,
-                    "LOG_LEVEL": cfg.app.log_level,
-                    "SESSION_QUERIES_PER_HOUR": str(cfg.app.session_queries_per_hour),
-                    "CHROMA_PERSIST_DIR": CHROMA_DIR,
-                    "REDIS_URL": redis_url,
-                    "SESSION_REDIS_URL": redis_url,
-                    "REDIS_PASSWORD_FILE": f"{API_SECRETS_DIR}/redis_password",
-                    "REDIS_TLS_CA_FILE": f"{API_TLS_DIR}/ca.crt",
-                    "REDIS_TLS_CERT_FILE": f"{API_TLS_DIR}/client.crt",
-                    "REDIS_TLS_KEY_FILE": f"{API_TLS_DIR}/client.key",
-                    "PGHOST": n("postgres"),
-                    "PGPORT": "5432",
-                    "PGUSER": POSTGRES_USER,
-                    "PGDATABASE": POSTGRES_DB,
-                    "PGPASSFILE": f"{API_SECRETS_DIR}/pgpass",
-                    "PGSSLMODE": "prefer",
-                    "DATABASE_URL": (
-                        f"postgresql://{POSTGRES_USER}@{n('postgres')}:5432/{POSTGRES_DB}"
-                    ),
-                    "DATA_ENCRYPTION_KEY_FILE": f"{API_SECRETS_DIR}/data_encryption_key",
-                },
-                files=[
-                    ConfigFile("tls/ca.crt", tls.ca_cert_pem),
-                    ConfigFile("tls/client.crt", api_tls.cert_pem),
-                    ConfigFile("tls/client.key", api_tls.key_pem, secret=True),
-                    ConfigFile(
-                        "secrets/redis_password", secrets.redis_passwords["app"], secret=True
-                    ),
-                    ConfigFile("secrets/pgpass", pulumi.Output.secret(pgpass), secret=True),
-                    ConfigFile(
-                        "secrets/data_encryption_key", secrets.data_encryption_key, secret=True
-                    ),
-                ],
-            ),
-            parent=self,
+        api = declare(
+            api_spec(inputs),
             depends_on=[redis, postgres, migrate],
             # Not created unless the migration (role password, pgcrypto) succeeded.
             labels={"personal-rag.postgres-migration": migration_ok},
         )
-
-        # --- Caddy: the only public entry point (prod); 127.0.0.1 elsewhere.
-        bind_ip = "0.0.0.0" if cfg.ports.caddy_public else "127.0.0.1"  # noqa: S104
-        caddy = hardened_container(
-            n("caddy"),
-            ServiceSpec(
-                service="caddy",
-                image=CADDY_IMAGE,
-                command=["caddy", "run", "--config", f"{CONFIG_DIR}/Caddyfile"],
-                capabilities=["NET_BIND_SERVICE"],
-                files_owner="root:root",
-                networks=[NetworkAttachment(self.frontend_network)],
-                ports=[
-                    PublishedPort(80, cfg.ports.http, bind_ip),
-                    PublishedPort(443, cfg.ports.https, bind_ip),
-                ],
-                mounts=[
-                    volume_mount(caddy_data.name, "/data"),
-                    volume_mount(caddy_state.name, "/config"),
-                ],
-                tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"},
-                memory_mb=256,
-                healthcheck=[
-                    "CMD",
-                    "wget",
-                    "-q",
-                    "-O",
-                    "/dev/null",
-                    "http://localhost:2019/config/",
-                ],
-                files=[
-                    ConfigFile(
-                        "Caddyfile",
-                        render_caddyfile(
-                            cfg.domain, f"{n('api')}:{API_PORT}", cfg.caddy_tls, cfg.alert_email
-                        ),
-                    )
-                ],
-            ),
-            parent=self,
-            depends_on=[api],
-        )
+        caddy = declare(caddy_spec(inputs), depends_on=[api])
 
         self.containers = {"redis": redis, "postgres": postgres, "api": api, "caddy": caddy}
         self.register_outputs(
@@ -413,6 +401,20 @@ class AppStack(pulumi.ComponentResource):
                 "postgresMigration": migration_ok,
             }
         )
+
+    def _data_volumes(self, cfg: StackConfig) -> dict[str, pulumi.Output[str]]:
+        names = {}
+        for role in ("redis", "postgres", "chroma"):
+            adopted = cfg.adopt_volumes.get(role)
+            if adopted:
+                # Today's compose volume, used in place and never managed: Pulumi cannot
+                # delete what it did not create.
+                names[role] = pulumi.Output.from_input(adopted)
+            else:
+                names[role] = stack_volume(
+                    cfg.resource_name(f"{role}-data"), self, "data", True
+                ).name
+        return names
 
     def _docs_mounts(self, cfg: StackConfig) -> list[docker.ContainerMountArgs]:
         """The documents the api indexes, read-only: a host folder or a stack volume."""

@@ -2,7 +2,8 @@
 weekly restore drill), its own encrypted backups volume, and metrics into monitoring.
 
 The image is built by Pulumi on the Docker host from ``docker/backup/Dockerfile`` (no
-registry). The job joins only the stack's internal backend network, reads the data it
+registry). The job joins the stack's internal backend network, and only when an off-host
+target is configured also ``rag-S-offsite-egress`` (its only way out), reads the data it
 backs up (PostgreSQL and Redis over the network with its own credentials and client
 certificate; the Chroma volume, mounted writable only so that it can hold SQLite's lock
 during the snapshot), writes its backups volume, a scratch volume for drills and the
@@ -18,8 +19,9 @@ from pathlib import Path
 import pulumi
 import pulumi_docker as docker
 
-from components.app_stack import CHROMA_DIR, AppStack
-from components.config import BackupSettings, StackConfig
+from components.app_stack import BRIDGE_NAME_OPTION, CHROMA_DIR, AppStack
+from components.clients import client_pgpass, libpq_env, redis_client_env
+from components.config import BackupSettings, OffsiteSettings, StackConfig
 from components.containers import (
     CONFIG_DIR,
     ConfigFile,
@@ -27,13 +29,23 @@ from components.containers import (
     ServiceSpec,
     bind_mount,
     hardened_container,
+    image_by_digest,
     require_success,
     stack_volume,
     volume_mount,
 )
+from components.images import POSTGRES_MAJOR, image
 from components.monitoring import TEXTFILE_DIR, Monitoring
+from components.offsite import (
+    KNOWN_HOSTS_FILE,
+    RCLONE_CONFIG_FILE,
+    SSH_KEY_FILE,
+    offsite_bridge_name,
+    rclone_remote,
+    render_rclone_config,
+)
 from components.redis_tls import RedisTls
-from components.service_files import POSTGRES_DB, POSTGRES_USER, render_pgpass
+from components.service_files import POSTGRES_BACKUP_USER
 from components.stack_secrets import StackSecrets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,12 +63,23 @@ def logical_weekday_env(schedule: BackupSettings) -> dict[str, str]:
     return {}
 
 
+def backup_build_args() -> dict[str, str]:
+    """The base images (components/images.py) and PostgreSQL's major version."""
+    return {
+        "POSTGRES_IMAGE": image("postgres"),
+        "REDIS_IMAGE": image("redis-debian"),
+        "POSTGRES_MAJOR": str(POSTGRES_MAJOR),
+    }
+
+
 def backup_image_tag() -> str:
     """Content hash of what goes into the image: a change rebuilds, nothing else does."""
     digest = hashlib.sha256()
     files = [REPO / DOCKERFILE, *sorted((REPO / "rag_backup").rglob("*.py"))]
     for path in files:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    for key, value in sorted(backup_build_args().items()):
+        digest.update(f"{key}={value}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -89,6 +112,10 @@ class Backups(pulumi.ComponentResource):
                 context=str(REPO),
                 dockerfile=str(REPO / DOCKERFILE),
                 platform="linux/amd64",
+                args={
+                    key: image_by_digest(value, self) if key.endswith("_IMAGE") else value
+                    for key, value in backup_build_args().items()
+                },
             ),
             skip_push=True,
             opts=child,
@@ -128,9 +155,25 @@ class Backups(pulumi.ComponentResource):
             parent=self,
         )
 
+        networks = [NetworkAttachment(args.app.backend_network)]
+        offsite_env: dict[str, str] = {}
+        offsite_files: list[ConfigFile] = []
+        if schedule.offsite is not None:
+            # Egress only for a job with a target: the backend network stays internal.
+            egress = docker.Network(
+                n("offsite-egress"),
+                name=n("offsite-egress"),
+                driver="bridge",
+                internal=False,
+                options={BRIDGE_NAME_OPTION: offsite_bridge_name(cfg.stack)},
+                opts=child,
+            )
+            networks.append(NetworkAttachment(egress))
+            offsite_env, offsite_files = offsite_parts(cfg.stack, schedule.offsite)
+
         tls = args.redis_tls.clients["backup"]
-        pgpass = args.secrets.postgres_password.apply(
-            lambda pw: render_pgpass(n("postgres"), POSTGRES_USER, pw, "*")
+        pgpass = client_pgpass(
+            cfg, POSTGRES_BACKUP_USER, args.secrets.postgres_backup_password, "*"
         )
         secrets_dir = f"{CONFIG_DIR}/secrets"
         tls_dir = f"{CONFIG_DIR}/tls"
@@ -141,7 +184,7 @@ class Backups(pulumi.ComponentResource):
                 image=image.image_name,
                 user=owner,
                 files_owner=owner,
-                networks=[NetworkAttachment(args.app.backend_network)],
+                networks=networks,
                 mounts=[
                     backups_mount,
                     volume_mount(scratch.name, SCRATCH_DIR),
@@ -166,26 +209,19 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_KEEP_WEEKLY": str(schedule.keep_weekly),
                     "RAG_BACKUP_KEEP_MONTHLY": str(schedule.keep_monthly),
                     "RAG_BACKUP_PG_PHYSICAL": "1" if schedule.pg_physical else "0",
-                    "RAG_BACKUP_PG_BIN_DIR": "/usr/lib/postgresql/15/bin",
+                    "RAG_BACKUP_PG_BIN_DIR": f"/usr/lib/postgresql/{POSTGRES_MAJOR}/bin",
                     **logical_weekday_env(schedule),
                     "TMPDIR": SCRATCH_DIR,
-                    "PGHOST": n("postgres"),
-                    "PGPORT": "5432",
-                    "PGUSER": POSTGRES_USER,
-                    "PGDATABASE": POSTGRES_DB,
-                    "PGPASSFILE": f"{secrets_dir}/pgpass",
-                    "REDIS_URL": f"rediss://backup@{n('redis')}:6379/0",
-                    "REDIS_PASSWORD_FILE": f"{secrets_dir}/redis_password",
-                    "REDIS_TLS_CA_FILE": f"{tls_dir}/ca.crt",
-                    "REDIS_TLS_CERT_FILE": f"{tls_dir}/client.crt",
-                    "REDIS_TLS_KEY_FILE": f"{tls_dir}/client.key",
+                    **libpq_env(cfg, POSTGRES_BACKUP_USER, f"{secrets_dir}/pgpass"),
+                    **redis_client_env(cfg, "backup", tls_dir, f"{secrets_dir}/redis_password"),
                     "CHROMA_DIR": CHROMA_DIR,
+                    **offsite_env,
                 },
                 files=[
                     ConfigFile(
                         "secrets/backup_passphrase", args.secrets.backup_passphrase, secret=True
                     ),
-                    ConfigFile("secrets/pgpass", pulumi.Output.secret(pgpass), secret=True),
+                    ConfigFile("secrets/pgpass", pgpass, secret=True),
                     ConfigFile(
                         "secrets/redis_password",
                         args.secrets.redis_passwords["backup"],
@@ -194,6 +230,7 @@ class Backups(pulumi.ComponentResource):
                     ConfigFile("tls/ca.crt", args.redis_tls.ca_cert_pem),
                     ConfigFile("tls/client.crt", tls.cert_pem),
                     ConfigFile("tls/client.key", tls.key_pem, secret=True),
+                    *offsite_files,
                 ],
             ),
             parent=self,
@@ -207,3 +244,36 @@ class Backups(pulumi.ComponentResource):
                 "volumeInit": require_success(volume_init, n("backup-volume-init")),
             }
         )
+
+
+def offsite_parts(stack: str, target: OffsiteSettings) -> tuple[dict[str, str], list[ConfigFile]]:
+    """The job's environment (paths only) and files for the off-host copy: the rclone
+    config (holds S3 keys: secret), and for SFTP the private key (secret) and the pinned
+    host key."""
+    config_path = f"{CONFIG_DIR}/{RCLONE_CONFIG_FILE}"
+    env = {
+        "RAG_BACKUP_OFFSITE_RCLONE_CONFIG": config_path,
+        "RAG_BACKUP_OFFSITE_REMOTE": rclone_remote(stack, target),
+    }
+    s3_key_id = target.s3_access_key_id.reveal() if target.s3_access_key_id else ""
+    s3_secret = target.s3_secret_access_key.reveal() if target.s3_secret_access_key else ""
+    rendered = render_rclone_config(
+        target,
+        ssh_key_path=f"{CONFIG_DIR}/{SSH_KEY_FILE}",
+        known_hosts_path=f"{CONFIG_DIR}/{KNOWN_HOSTS_FILE}",
+        s3_access_key_id=s3_key_id,
+        s3_secret_access_key=s3_secret,
+    )
+    files = [ConfigFile(RCLONE_CONFIG_FILE, pulumi.Output.secret(rendered), secret=True)]
+    if target.kind == "sftp":
+        assert target.ssh_key is not None  # config requires it
+        files += [
+            # OpenSSH wants the key's last line terminated; `pulumi config set` may drop it.
+            ConfigFile(
+                SSH_KEY_FILE,
+                target.ssh_key.output().apply(lambda key: key.rstrip("\n") + "\n"),
+                secret=True,
+            ),
+            ConfigFile(KNOWN_HOSTS_FILE, target.known_hosts),
+        ]
+    return env, files

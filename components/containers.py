@@ -82,16 +82,29 @@ class ServiceSpec:
     one_shot: bool = False
 
 
+# Volume purposes whose contents exist nowhere else (databases, Chroma, the documents,
+# the backups): protected, so no preview can delete or replace them (a rename must ship
+# `aliases`, CONTRIBUTING.md). Certificates, metrics and alert state can be re-made.
+IRREPLACEABLE_PURPOSES = frozenset({"data", "documents", "backups"})
+PURPOSE_LABEL = "personal-rag.purpose"
+
+
 def stack_volume(
     name: str, parent: pulumi.Resource, purpose: str, holds_data: bool
 ) -> docker.Volume:
     """Docker volume ``name`` (it carries the stack). Volumes that hold data outlive the
-    stack: ``pulumi destroy`` leaves them (retain on delete), so nothing is lost."""
+    stack: ``pulumi destroy`` leaves them (retain on delete), so nothing is lost; the
+    irreplaceable ones are also protected."""
+    irreplaceable = purpose in IRREPLACEABLE_PURPOSES
+    if irreplaceable and not holds_data:
+        raise ValueError(f"{name}: a volume for {purpose!r} holds data")
     return docker.Volume(
         name,
         name=name,
-        labels=[docker.VolumeLabelArgs(label="personal-rag.purpose", value=purpose)],
-        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=holds_data),
+        labels=[docker.VolumeLabelArgs(label=PURPOSE_LABEL, value=purpose)],
+        opts=pulumi.ResourceOptions(
+            parent=parent, retain_on_delete=holds_data, protect=irreplaceable
+        ),
     )
 
 
@@ -146,6 +159,18 @@ def _init_script(files: Sequence[ConfigFile], owner: str | None) -> str:
     return " && ".join(["set -e", *steps])
 
 
+def image_by_digest(image: pulumi.Input[str], parent: pulumi.Resource) -> pulumi.Input[str]:
+    """``image`` as ``repository:tag@sha256:...``: a reference without a digest (a table
+    entry not pinned yet, components/images.py) is resolved to the registry's current
+    digest now, so no container ever runs a bare tag."""
+    if not isinstance(image, str) or "@sha256:" in image:
+        return image
+    resolved = docker.get_registry_image_output(
+        name=image, opts=pulumi.InvokeOutputOptions(parent=parent)
+    )
+    return resolved.sha256_digest.apply(lambda digest: f"{image}@{digest}")
+
+
 def require_success(container: docker.Container, name: str) -> pulumi.Output[str]:
     """A one-shot container's exit code, as a value that fails ``pulumi up`` when it is
     not 0 (the provider itself only waits for the exit). Use it where it is awaited: a
@@ -172,6 +197,7 @@ def hardened_container(
         # Long-running services keep a read-only root; files come through the volume.
         raise ValueError(f"{name}: a long-running service must keep read_only=True")
 
+    image = image_by_digest(spec.image, parent)
     mounts = list(spec.mounts)
     all_labels: dict[str, pulumi.Input[str]] = {"personal-rag.service": spec.service}
     all_labels.update(labels or {})
@@ -181,7 +207,7 @@ def hardened_container(
         init = docker.Container(
             f"{name}-config-init",
             name=f"{name}-config-init",
-            image=spec.image,
+            image=image,
             entrypoints=["/bin/sh", "-c", _init_script(spec.files, spec.files_owner)],
             user="0:0",
             network_mode="none",
@@ -212,7 +238,7 @@ def hardened_container(
     return docker.Container(
         name,
         name=name,
-        image=spec.image,
+        image=image,
         command=list(spec.command) if spec.command is not None else None,
         entrypoints=list(spec.entrypoint) if spec.entrypoint is not None else None,
         user=spec.user,

@@ -22,6 +22,7 @@ import pulumi
 import pulumi_docker as docker
 
 from components.app_stack import AppStack
+from components.clients import postgres_address, redis_address
 from components.config import StackConfig
 from components.containers import (
     CONFIG_DIR,
@@ -47,7 +48,7 @@ from components.monitoring_config import (
 )
 from components.monitoring_render import settings_from_config
 from components.redis_tls import RedisTls
-from components.service_files import POSTGRES_DB, POSTGRES_MONITOR_USER, REDIS_PORT
+from components.service_files import POSTGRES_DB, POSTGRES_MONITOR_USER
 from components.stack_secrets import StackSecrets
 
 TEXTFILE_DIR = "/textfile"
@@ -196,7 +197,7 @@ class Monitoring(pulumi.ComponentResource):
         cfg = args.config
         n = cfg.resource_name
         tls = args.redis_tls.clients["redis-exporter"]
-        redis_uri = f"rediss://{n('redis')}:{REDIS_PORT}"
+        redis_uri = redis_address(cfg)
         redis_password_file = args.secrets.redis_passwords["exporter"].apply(
             lambda pw: redis_exporter_password_file(redis_uri, pw)
         )
@@ -264,7 +265,7 @@ class Monitoring(pulumi.ComponentResource):
                 user=NOBODY,
                 files_owner=NOBODY,
                 env={
-                    "DATA_SOURCE_URI": f"{n('postgres')}:5432/{POSTGRES_DB}?sslmode=disable",
+                    "DATA_SOURCE_URI": f"{postgres_address(cfg)}/{POSTGRES_DB}?sslmode=disable",
                     "DATA_SOURCE_USER": POSTGRES_MONITOR_USER,
                     "DATA_SOURCE_PASS_FILE": f"{CONFIG_DIR}/secrets/postgres_password",
                 },

@@ -20,18 +20,24 @@ from typing import Any
 
 import yaml
 
+from components.images import image
+
 # --- Images and healthchecks -------------------------------------------------------------
-# Exact tags (docs/monitoring.md explains the choices). The prom/* and postgres-exporter
-# images are busybox-based: wget exists, curl does not. redis_exporter's default image is
-# FROM scratch (no shell, no wget), so the -alpine variant is pinned for its healthcheck.
+# Exact tags and digests live in components/images.py (docs/monitoring.md explains the
+# choices). The prom/* and postgres-exporter images are busybox-based: wget exists, curl
+# does not. redis_exporter's default image is FROM scratch (no shell, no wget), so the
+# -alpine variant is pinned for its healthcheck.
 MONITORING_IMAGES: Mapping[str, str] = MappingProxyType(
     {
-        "prometheus": "prom/prometheus:v2.53.4",
-        "alertmanager": "prom/alertmanager:v0.27.0",
-        "node-exporter": "prom/node-exporter:v1.8.2",
-        "redis-exporter": "oliver006/redis_exporter:v1.67.0-alpine",
-        "postgres-exporter": "prometheuscommunity/postgres-exporter:v0.16.0",
-        "blackbox-exporter": "prom/blackbox-exporter:v0.25.0",
+        service: image(service)
+        for service in (
+            "prometheus",
+            "alertmanager",
+            "node-exporter",
+            "redis-exporter",
+            "postgres-exporter",
+            "blackbox-exporter",
+        )
     }
 )
 
@@ -142,14 +148,17 @@ def default_targets(stack: str) -> dict[str, str]:
     }
 
 
-def default_probe_targets(stack: str) -> dict[str, str]:
+def default_probe_targets(stack: str, redis_port: int | None = None) -> dict[str, str]:
     """What each probe checks. The site probe dials Caddy by its container name and sends
-    the public name as SNI and Host (blackbox module), so it needs no public DNS."""
-    return {
+    the public name as SNI and Host (blackbox module), so it needs no public DNS. Redis is
+    probed when its port is given (it lives with the clients, service_files.REDIS_PORT)."""
+    targets = {
         PROBE_SITE: f"https://rag-{stack}-caddy:{CADDY_HTTPS_PORT}/health",
         PROBE_API: f"http://rag-{stack}-api:{SERVICE_PORTS['api']}/health",
-        PROBE_REDIS: f"rag-{stack}-redis:6379",
     }
+    if redis_port is not None:
+        targets[PROBE_REDIS] = f"rag-{stack}-redis:{redis_port}"
+    return targets
 
 
 # Volumes whose filesystem is watched for filling up: name -> Docker volume suffix.
@@ -361,6 +370,15 @@ ALERTS: tuple[AlertSpec, ...] = (
         "The restore drill failed or has not succeeded recently",
         "The last restore drill reported failure, or the last successful drill is older "
         "than the allowed age.",
+    ),
+    AlertSpec(
+        "OffsiteBackupStale",
+        "backups",
+        SEVERITY_TICKET,
+        "15m",
+        "No backup proven copied off the host recently",
+        "The newest backup has not been copied off the host and read back (size and SHA-256 "
+        "against its manifest) within the allowed age: losing the host would lose it.",
     ),
     AlertSpec(
         "AlertmanagerNotificationsFailing",
@@ -924,6 +942,12 @@ def _expression(name: str, s: MonitoringSettings) -> str:
             f"max(rag_restore_drill_last_run_success{{{node}}}) == 0"
             f" or time() - max(rag_restore_drill_last_success_timestamp_seconds{{{node}}})"
             f" > {_num(parse_duration(t.restore_drill_max_age))}"
+        ),
+        # No series (no off-host target on this stack) is no alert; a target that never
+        # succeeded reports 0.
+        "OffsiteBackupStale": (
+            "time() - max(rag_backup_offsite_last_success_timestamp_seconds"
+            f"{{{node}}}) > {_num(parse_duration(t.backup_max_age))}"
         ),
         "AlertmanagerNotificationsFailing": (
             "sum by (integration) "

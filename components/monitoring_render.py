@@ -25,8 +25,10 @@ from components.monitoring_config import (
     AppMetricNames,
     MonitoringConfigError,
     MonitoringSettings,
+    default_probe_targets,
     render_all,
 )
+from components.service_files import REDIS_PORT
 
 # Where the Monitoring component mounts Alertmanager's SMTP password file.
 SMTP_PASSWORD_FILE = f"{CONFIG_DIR}/secrets/smtp_password"
@@ -84,6 +86,7 @@ def settings_from_config(cfg: StackConfig) -> MonitoringSettings:
         domain=cfg.domain,
         caddy_tls=cfg.caddy_tls,
         probe_tls_dir=PROBE_TLS_DIR,
+        probe_targets=default_probe_targets(cfg.stack, REDIS_PORT),
         volume_paths=volume_host_paths(cfg),
         slo=cfg.slo,
     )

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from components.containers import CONFIG_DIR
 from components.monitoring_config import SERVICE_PORTS
@@ -20,8 +20,17 @@ REDIS_TLS_DIR = f"{CONFIG_DIR}/tls"
 REDIS_PORT = 6379
 POSTGRES_PORT = 5432
 POSTGRES_DB = "rag_feedback"
-POSTGRES_USER = "rag"
-POSTGRES_MONITOR_USER = "rag_monitor"
+# Each PostgreSQL client its own role (least privilege):
+POSTGRES_USER = "rag"  # the bootstrap superuser: the migration job only, never over TCP
+POSTGRES_APP_USER = "rag_app"  # the api: owns the app's tables, nothing else
+POSTGRES_BACKUP_USER = "rag_backup"  # pg_dump (pg_read_all_data) and pg_basebackup
+POSTGRES_MONITOR_USER = "rag_monitor"  # postgres_exporter (pg_monitor)
+# Role -> (attributes, the only predefined roles it may be a member of).
+POSTGRES_CLIENT_ROLES: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    POSTGRES_APP_USER: ("NOREPLICATION", ()),
+    POSTGRES_BACKUP_USER: ("REPLICATION", ("pg_read_all_data",)),
+    POSTGRES_MONITOR_USER: ("NOREPLICATION", ("pg_monitor",)),
+}
 API_PORT = 8000
 
 
@@ -65,16 +74,18 @@ def redis_acl_password_hash(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
 
 
-# What each ACL user may do. The exporter reads server state only; the backup user
-# needs replication (SYNC for redis-cli --rdb) and, for restores, CONFIG/BGREWRITEAOF.
+# What each ACL user may do, and nothing more (tests/encryption/test_redis_acl.py proves
+# each against a real server): the app everything but @admin/@dangerous; the exporter
+# what redis_exporter runs (server state, no keys: its ACL LOG stays empty); the backup user what
+# `redis-cli --rdb` (REPLCONF rdb-only, SYNC) and the job's INFO/PING need, no keys.
+# Restores never touch the live server (they swap files), so nobody needs CONFIG SET.
 REDIS_ACL_RULES: Mapping[str, str] = {
     "app": "~* &* +@all -@admin -@dangerous",
     "exporter": (
-        "resetkeys ~* -@all +@connection +info +ping +config|get +client|list "
-        "+slowlog|get +slowlog|len +latency|latest +memory|stats +dbsize +scan +type "
-        "+strlen +llen +scard +zcard +hlen +xlen +pfcount +cluster|info +select"
+        "resetkeys resetchannels -@all +hello +client|setname +client|list +info +ping "
+        "+config|get +slowlog|get +slowlog|len +latency|latest +select"
     ),
-    "backup": "~* &* +@all",
+    "backup": "resetkeys resetchannels -@all +ping +info +replconf +sync +psync",
 }
 
 
@@ -108,43 +119,140 @@ def _stable_salt(password: str, purpose: str) -> bytes:
     return hmac.new(password.encode(), purpose.encode(), "sha256").digest()[:16]
 
 
-def render_postgres_migration(app_password: str, monitor_password: str) -> str:
-    """Idempotent SQL run on every deploy (also on adopted, already-initialised data).
+@dataclass(frozen=True)
+class PostgresPasswords:
+    """Plaintext role passwords, only ever turned into SCRAM verifiers here."""
 
-    Runs as the superuser over the shared Unix socket. Sets the app role's password
-    to the stack's managed secret, enables pgcrypto, creates the monitoring role.
-    """
-    app_verifier = scram_sha256_verifier(app_password, _stable_salt(app_password, "app"))
-    monitor_verifier = scram_sha256_verifier(
-        monitor_password, _stable_salt(monitor_password, "monitor")
-    )
-    return f"""\
-\\set ON_ERROR_STOP on
-SET password_encryption = 'scram-sha-256';
-CREATE EXTENSION IF NOT EXISTS pgcrypto;
-ALTER ROLE {POSTGRES_USER} WITH LOGIN PASSWORD '{app_verifier}';
-DO $$
+    superuser: str = field(repr=False)
+    app: str = field(repr=False)
+    backup: str = field(repr=False)
+    monitor: str = field(repr=False)
+
+    def of(self, role: str) -> str:
+        return {
+            POSTGRES_USER: self.superuser,
+            POSTGRES_APP_USER: self.app,
+            POSTGRES_BACKUP_USER: self.backup,
+            POSTGRES_MONITOR_USER: self.monitor,
+        }[role]
+
+
+def _verifier(password: str, role: str) -> str:
+    # The salt purpose for the superuser stays "app" (its role was the app's before).
+    purpose = {POSTGRES_USER: "app", POSTGRES_MONITOR_USER: "monitor"}.get(role, role)
+    return scram_sha256_verifier(password, _stable_salt(password, purpose))
+
+
+# Objects of the app in schema public that the bootstrap superuser owns (compose created
+# them as that user) are handed to the app role; extension members (pgcrypto's functions)
+# and sequences that belong to a table (they follow their table) stay as they are.
+_APP_OBJECTS_TO_TRANSFER = """DO $$
+DECLARE
+  obj record;
 BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{POSTGRES_MONITOR_USER}') THEN
-    CREATE ROLE {POSTGRES_MONITOR_USER} LOGIN;
-  END IF;
+  FOR obj IN
+    SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW'
+             WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE'
+             WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END AS kind,
+           format('%I.%I', n.nspname, c.relname) AS name
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S', 'c')
+      AND c.relowner = '{superuser}'::regrole
+      AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                      AND d.objid = c.oid AND d.deptype IN ('e', 'a', 'i'))
+    UNION ALL
+    SELECT CASE p.prokind WHEN 'p' THEN 'PROCEDURE' WHEN 'a' THEN 'AGGREGATE'
+             ELSE 'FUNCTION' END,
+           p.oid::regprocedure::text
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'public' AND p.proowner = '{superuser}'::regrole
+      AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                      AND d.objid = p.oid AND d.deptype = 'e')
+    UNION ALL
+    SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, t.oid::regtype::text
+    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd', 'r')
+      AND t.typowner = '{superuser}'::regrole
+      AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
+                      AND d.objid = t.oid AND d.deptype = 'e')
+  LOOP
+    EXECUTE format('ALTER %s %s OWNER TO {app}', obj.kind, obj.name);
+  END LOOP;
 END
 $$;
-ALTER ROLE {POSTGRES_MONITOR_USER} WITH LOGIN PASSWORD '{monitor_verifier}';
-GRANT pg_monitor TO {POSTGRES_MONITOR_USER};
 """
 
 
-def render_pg_hba(user: str = POSTGRES_USER) -> str:
-    """pg_hba.conf: trust only on the Unix socket (a volume shared with the migration job
-    alone), scram-sha-256 for every TCP connection, and replication (the backup job's
-    pg_basebackup) only for ``user`` from the stack's own networks."""
-    return (
-        "# TYPE  DATABASE     USER   ADDRESS  METHOD\n"
-        "local   all          all             trust\n"
-        "host    all          all    all      scram-sha-256\n"
-        f"host    replication  {user}    samenet  scram-sha-256\n"
+def _client_role_sql(role: str, verifier: str) -> str:
+    """Create ``role`` if missing, then force its attributes, password and memberships:
+    a role that exists with more (an adopted cluster, a hand edit) is brought back."""
+    attributes, granted = POSTGRES_CLIENT_ROLES[role]
+    allowed = "ARRAY[" + ", ".join(f"'{g}'" for g in granted) + "]::name[]"
+    grants = "".join(f"GRANT {g} TO {role};\n" for g in granted)
+    # Role names are this module's constants; a verifier is base64 and "$": no quotes.
+    return f"""\
+DO $$
+DECLARE
+  membership record;
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+    CREATE ROLE {role};
+  END IF;
+  FOR membership IN
+    SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+    WHERE m.member = '{role}'::regrole AND g.rolname <> ALL ({allowed})
+  LOOP
+    EXECUTE format('REVOKE %I FROM {role}', membership.rolname);
+  END LOOP;
+END
+$$;
+ALTER ROLE {role} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS {attributes}
+  PASSWORD '{verifier}';
+{grants}"""  # noqa: S608
+
+
+def render_postgres_migration(passwords: PostgresPasswords) -> str:
+    """Idempotent SQL for a fresh and an adopted (already-initialised) cluster.
+
+    Runs as the bootstrap superuser over the shared Unix socket: enables pgcrypto,
+    sets every role's password to its managed secret (as a SCRAM verifier, never the
+    plaintext), creates or fixes the client roles, and hands the app's objects in
+    schema public to the app role.
+    """
+    superuser_verifier = _verifier(passwords.superuser, POSTGRES_USER)
+    roles = "".join(
+        _client_role_sql(role, _verifier(passwords.of(role), role))
+        for role in POSTGRES_CLIENT_ROLES
     )
+    app = POSTGRES_APP_USER
+    return f"""\
+\\set ON_ERROR_STOP on
+SET password_encryption = 'scram-sha-256';
+BEGIN;
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+ALTER ROLE {POSTGRES_USER} WITH LOGIN PASSWORD '{superuser_verifier}';
+{roles}REVOKE ALL ON DATABASE {POSTGRES_DB} FROM PUBLIC;
+GRANT CONNECT, TEMPORARY ON DATABASE {POSTGRES_DB} TO {app};
+GRANT CONNECT ON DATABASE {POSTGRES_DB} TO {POSTGRES_BACKUP_USER}, {POSTGRES_MONITOR_USER};
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE, CREATE ON SCHEMA public TO {app};
+{_APP_OBJECTS_TO_TRANSFER.format(superuser=POSTGRES_USER, app=app)}COMMIT;
+"""
+
+
+def render_pg_hba() -> str:
+    """pg_hba.conf: trust only on the Unix socket (a volume shared with the migration job
+    alone); the bootstrap superuser never over TCP; scram-sha-256 for the client roles;
+    replication (the backup job's pg_basebackup) only for the backup role, only from
+    the stack's own networks. First match wins."""
+    rows = [
+        ("# TYPE", "DATABASE", "USER", "ADDRESS", "METHOD"),
+        ("local", "all", "all", "", "trust"),
+        ("host", "all", POSTGRES_USER, "all", "reject"),
+        ("host", "replication", POSTGRES_BACKUP_USER, "samenet", "scram-sha-256"),
+        ("host", "all", ",".join(POSTGRES_CLIENT_ROLES), "all", "scram-sha-256"),
+    ]
+    return "".join("  ".join(f"{column:<12}" for column in row).rstrip() + "\n" for row in rows)
 
 
 def render_pgpass(host: str, user: str, password: str, database: str = "*") -> str:

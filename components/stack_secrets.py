@@ -24,7 +24,9 @@ class StackSecretsArgs:
 
 
 class StackSecrets(pulumi.ComponentResource):
-    postgres_password: pulumi.Output[str]
+    postgres_password: pulumi.Output[str]  # the bootstrap superuser's (migration only)
+    postgres_app_password: pulumi.Output[str]
+    postgres_backup_password: pulumi.Output[str]
     postgres_monitor_password: pulumi.Output[str]
     redis_passwords: dict[str, pulumi.Output[str]]
     data_encryption_key: pulumi.Output[str]
@@ -36,23 +38,28 @@ class StackSecrets(pulumi.ComponentResource):
         super().__init__("personal-rag:index:StackSecrets", name, None, opts)
         stack = args.config.stack
 
-        def password(purpose: str, length: int) -> pulumi.Output[str]:
+        def password(purpose: str, length: int, irreplaceable: bool = False) -> pulumi.Output[str]:
             # Alphanumeric only: the values land in URLs, pgpass and ACL files unescaped.
             generated = random.RandomPassword(
                 f"rag-{stack}-{purpose}",
                 length=length,
                 special=False,
-                opts=pulumi.ResourceOptions(parent=self),
+                # A lost key cannot be re-made: protected (CONTRIBUTING.md, renames).
+                opts=pulumi.ResourceOptions(parent=self, protect=irreplaceable),
             )
             return pulumi.Output.secret(generated.result)
 
         self.postgres_password = password("postgres-password", 32)
+        self.postgres_app_password = password("postgres-app-password", 32)
+        self.postgres_backup_password = password("postgres-backup-password", 32)
         self.postgres_monitor_password = password("postgres-monitor-password", 32)
         self.redis_passwords = {
             user: password(f"redis-{user}-password", 32) for user in REDIS_USERS
         }
-        self.data_encryption_key = password("data-encryption-key", 48)
-        self.backup_passphrase = password("backup-passphrase", 64)
+        # Passwords are replaceable (the migration and the ACL file set new ones); these two
+        # are not: pgcrypto rows and every backup are encrypted with them.
+        self.data_encryption_key = password("data-encryption-key", 48, irreplaceable=True)
+        self.backup_passphrase = password("backup-passphrase", 64, irreplaceable=True)
 
         self.register_outputs(
             {

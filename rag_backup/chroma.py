@@ -50,9 +50,17 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
+# Top-level entries rag-backup's restore keeps in the Chroma directory (the previous contents,
+# a staged or failed restore): not Chroma's data, never backed up.
+RESTORE_ENTRY_PREFIX = ".rag-"
+
+
 def _walk(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root:
+            dirnames[:] = [d for d in dirnames if not d.startswith(RESTORE_ENTRY_PREFIX)]
+            filenames = [f for f in filenames if not f.startswith(RESTORE_ENTRY_PREFIX)]
         dirnames.sort()
         for name in sorted(filenames):
             found.append(Path(dirpath) / name)

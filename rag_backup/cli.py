@@ -4,6 +4,7 @@ Any failure ends with one line ``rag-backup: error: ...`` on stderr and exit cod
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import signal
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from rag_backup import __version__, ops, redis_ops
+from rag_backup import __version__, metrics, offsite, ops, redis_ops, wal
 from rag_backup.crypto import CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import find_server_bin_dir
@@ -38,6 +39,8 @@ LIBPQ_VARS = (
     "PGSERVICEFILE",
 )
 ALL_COMPONENTS = ("postgres", "redis", "chroma")
+RETENTION_DEFAULTS = {"daily": 7, "weekly": 4, "monthly": 6}
+RETENTION_ENV = {period: f"RAG_BACKUP_KEEP_{period.upper()}" for period in RETENTION_DEFAULTS}
 
 
 class Interrupted(BackupError):
@@ -73,6 +76,34 @@ def _positive_int(option: str) -> Callable[[str], int]:
     return parse
 
 
+def _choice(option: str, allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{option}: {text!r} is not one of {', '.join(allowed)}"
+            )
+        return text
+
+    return parse
+
+
+def _utc_time(option: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{option}: {text!r} is not an ISO 8601 time, e.g. 2026-11-30T17:00:00Z"
+            ) from None
+        if when.tzinfo is None:
+            raise argparse.ArgumentTypeError(
+                f"{option}: {text!r} has no time zone; add Z or +HH:MM"
+            )
+        return when.timestamp()
+
+    return parse
+
+
 def _components(option: str) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -95,7 +126,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--encryption",
-        choices=("gpg", "age"),
+        type=_choice("--encryption / RAG_BACKUP_ENCRYPTION", ("gpg", "age")),
+        metavar="{gpg,age}",
         default=os.environ.get("RAG_BACKUP_ENCRYPTION", "gpg"),
         help="gpg (symmetric AES-256, passphrase file) or age (env RAG_BACKUP_ENCRYPTION)",
     )
@@ -116,6 +148,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=_env_path("RAG_BACKUP_AGE_IDENTITY_FILE"),
         help="age identity file, for verify/restore/drill (env RAG_BACKUP_AGE_IDENTITY_FILE)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_env_path("RAG_BACKUP_STATE_DIR"),
+        help="writable directory for what must be written when BACKUP_DIR is read-only: "
+        "verification records, the restore lock, restore staging (env RAG_BACKUP_STATE_DIR; "
+        "default: none, such records are then skipped with a note)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -205,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chroma(backup)
     backup.add_argument(
         "--components",
-        type=_components("--components"),
+        type=_components("--components / RAG_BACKUP_COMPONENTS"),
         default=os.environ.get("RAG_BACKUP_COMPONENTS", ",".join(ALL_COMPONENTS)),
         help="comma list (default postgres,redis,chroma; env RAG_BACKUP_COMPONENTS)",
     )
@@ -258,11 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("backup_id", nargs="?", metavar="ID", help="backup id (default: newest)")
     _add_common(verify)
+    _add_metrics(verify)
+
+    resolve = sub.add_parser(
+        "resolve",
+        help="print the id a backup reference stands for",
+        description="Print the one backup id that ID ('latest' by default: the newest "
+        "well-formed backup not dated in the future) stands for, so a script resolves it once "
+        "and passes that exact id to verify and restore.",
+    )
+    resolve.add_argument("backup_id", nargs="?", metavar="ID", default="latest")
+    _add_common(resolve)
 
     list_parser = sub.add_parser(
         "list", help="list backups", description="List backups, newest first."
     )
     _add_common(list_parser)
+    _add_metrics(list_parser)
 
     restore = sub.add_parser(
         "restore",
@@ -272,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("backup_id", nargs="?", metavar="ID", help="backup id (default: newest)")
     _add_common(restore)
+    _add_metrics(restore)
     _add_pg(restore)
     _add_redis(restore)
     _add_chroma(restore)
@@ -305,11 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--staging-dir",
         type=Path,
         default=None,
-        help="where the PostgreSQL dump is staged (default: BACKUP_DIR)",
+        help="where the PostgreSQL dump is staged (default: --state-dir, else BACKUP_DIR "
+        "when writable, else the temp dir)",
     )
     restore.add_argument(
         "--pg-mode",
-        choices=("logical", "physical"),
+        type=_choice("--pg-mode / RAG_BACKUP_PG_MODE", ("logical", "physical")),
+        metavar="{logical,physical}",
         default=os.environ.get("RAG_BACKUP_PG_MODE", "logical"),
         help="logical (default): the dump into a fresh database beside the live one, with "
         "PostgreSQL running (not for a backup taken with --no-pg-logical); physical: the "
@@ -331,7 +386,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="--pg-mode physical: PostgreSQL server binaries of the same major version "
         "(default: PATH, /usr/lib/postgresql/15/bin)",
     )
+    restore.add_argument(
+        "--target-time",
+        type=_utc_time("--target-time"),
+        default=None,
+        metavar="ISO-TIME",
+        help="--pg-mode physical: point-in-time recovery to this time (ISO 8601 with a zone, "
+        "e.g. 2026-11-30T17:00:00Z) from the newest base backup before it plus the WAL "
+        "archived by wal-archive",
+    )
+    restore.add_argument(
+        "--target",
+        choices=("latest",),
+        default=None,
+        help="--pg-mode physical: 'latest' recovers to the end of the archived WAL",
+    )
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    wal_archive = sub.add_parser(
+        "wal-archive",
+        help="archive PostgreSQL's WAL (one cycle) for point-in-time recovery",
+        description="Close the current WAL segment, receive everything up to it with "
+        "pg_receivewal over a replication slot, compress and encrypt each segment into "
+        "BACKUP_DIR/wal. Run it every minute (the scheduler does): that is the RPO.",
+    )
+    _add_common(wal_archive)
+    _add_metrics(wal_archive)
+    _add_pg(wal_archive)
+    wal_archive.add_argument(
+        "--slot",
+        default=os.environ.get("RAG_BACKUP_WAL_SLOT", "rag_backup_wal"),
+        help="replication slot (created if missing; env RAG_BACKUP_WAL_SLOT)",
+    )
+    wal_archive.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        help="private directory for segments being received (default: <state-dir>/wal-spool, "
+        "else BACKUP_DIR/.wal-spool)",
+    )
 
     drill = sub.add_parser(
         "drill",
@@ -364,29 +457,50 @@ def build_parser() -> argparse.ArgumentParser:
         "and months; never delete the newest verified backup.",
     )
     _add_common(prune)
-    prune.add_argument(
-        "--keep-daily",
-        type=_positive_int("--keep-daily"),
-        default=int(os.environ.get("RAG_BACKUP_KEEP_DAILY", "7")),
-    )
-    prune.add_argument(
-        "--keep-weekly",
-        type=_positive_int("--keep-weekly"),
-        default=int(os.environ.get("RAG_BACKUP_KEEP_WEEKLY", "4")),
-    )
-    prune.add_argument(
-        "--keep-monthly",
-        type=_positive_int("--keep-monthly"),
-        default=int(os.environ.get("RAG_BACKUP_KEEP_MONTHLY", "6")),
-    )
+    _add_metrics(prune)
+    for period, default in RETENTION_DEFAULTS.items():
+        # A string default goes through ``type`` too: a bad environment value gets the same
+        # clear error (naming the variable) as a bad option, not a traceback.
+        prune.add_argument(
+            f"--keep-{period}",
+            type=_positive_int(f"--keep-{period} / {RETENTION_ENV[period]}"),
+            default=os.environ.get(RETENTION_ENV[period], str(default)),
+        )
     prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    offsite.add_offsite_parser(sub, _add_common, _add_metrics, _positive_int)
     return parser
+
+
+def environment_problems() -> list[str]:
+    """Every environment setting the scheduled commands (backup, prune, drill) read, checked
+    up front: the scheduler refuses to start on a bad one instead of failing each night."""
+    problems = []
+    checks: list[tuple[str, Callable[[str], object]]] = [
+        *[(RETENTION_ENV[p], _positive_int(RETENTION_ENV[p])) for p in RETENTION_DEFAULTS],
+        ("RAG_BACKUP_ENCRYPTION", _choice("RAG_BACKUP_ENCRYPTION", ("gpg", "age"))),
+        ("RAG_BACKUP_COMPONENTS", _components("RAG_BACKUP_COMPONENTS")),
+        ("RAG_BACKUP_PG_MODE", _choice("RAG_BACKUP_PG_MODE", ("logical", "physical"))),
+    ]
+    for name, parse in checks:
+        if name in os.environ:
+            try:
+                parse(os.environ[name])
+            except argparse.ArgumentTypeError as error:
+                problems.append(str(error))
+    for flag in ("RAG_BACKUP_PG_PHYSICAL", "RAG_BACKUP_PG_LOGICAL"):
+        try:
+            _env_flag(flag)
+        except BackupError as error:
+            problems.append(str(error))
+    return problems
 
 
 def _store(args: argparse.Namespace) -> BackupStore:
     if args.backup_dir is None:
         raise BackupError("BACKUP_DIR / --backup-dir is required")
-    return BackupStore(args.backup_dir)
+    store = BackupStore(args.backup_dir, state_dir=args.state_dir)
+    args.opened_store = store  # main() writes the store metrics from its last scan
+    return store
 
 
 def _cipher(args: argparse.Namespace) -> CipherSettings:
@@ -480,6 +594,11 @@ def _cmd_verify(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+def _cmd_resolve(args: argparse.Namespace, progress: Progress) -> int:
+    print(_store(args).get(args.backup_id).backup_id)
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace, progress: Progress) -> int:
     for line in ops.list_backups(_store(args)):
         print(line)
@@ -487,6 +606,8 @@ def _cmd_list(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
+    if args.target_time is not None and args.target is not None:
+        raise BackupError("--target-time and --target latest exclude each other; give one")
     store = _store(args)
     redis_target = None
     if args.redis_data_dir is not None:
@@ -515,9 +636,33 @@ def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
         assume_yes=args.yes,
         pg_mode=args.pg_mode,
         pg_physical=pg_target,
+        pg_target_time=args.target_time,
+        pg_target_latest=args.target == "latest",
     )
     for line in run_restore(cfg, progress):
         print(line)
+    return 0
+
+
+def _cmd_wal_archive(args: argparse.Namespace, progress: Progress) -> int:
+    store = _store(args)
+    cipher = _cipher(args)
+    cipher.validate(need_encrypt=True, need_decrypt=False)
+    postgres = _pg(args, required=True)
+    assert postgres is not None
+    spool = args.spool_dir or (
+        args.state_dir / "wal-spool" if args.state_dir else store.root / ".wal-spool"
+    )
+    cfg = wal.WalArchiveConfig(
+        store=store,
+        cipher=cipher,
+        postgres=postgres,
+        slot=args.slot,
+        spool=spool,
+        metrics_dir=args.metrics_dir,
+    )
+    for name in wal.archive_once(cfg, progress):
+        print(name)
     return 0
 
 
@@ -548,9 +693,12 @@ COMMANDS = {
     "backup": _cmd_backup,
     "verify": _cmd_verify,
     "list": _cmd_list,
+    "resolve": _cmd_resolve,
     "restore": _cmd_restore,
     "drill": _cmd_drill,
+    "wal-archive": _cmd_wal_archive,
     "prune": _cmd_prune,
+    "offsite": offsite.cmd_offsite,
 }
 
 
@@ -575,5 +723,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rag-backup: error: {error}", file=sys.stderr)
         return 1
     finally:
+        _write_store_metrics(args)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _write_store_metrics(args: argparse.Namespace) -> None:
+    store: BackupStore | None = getattr(args, "opened_store", None)
+    directory: Path | None = getattr(args, "metrics_dir", None)
+    if store is None or directory is None or not store.scanned:
+        return
+    try:
+        metrics.write_store_metrics(
+            directory, malformed=len(store.malformed), future=store.future_count
+        )
+    except OSError as error:
+        print(f"rag-backup: warning: cannot write metrics to {directory}: {error}", file=sys.stderr)

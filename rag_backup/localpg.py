@@ -19,6 +19,46 @@ from rag_backup.pg import PostgresSettings, psql_value
 from rag_backup.procs import Proc, last_lines, run
 
 DEFAULT_BIN_DIRS = ("/usr/lib/postgresql/15/bin",)
+# A staged physical backup is hostile input: its postgresql.conf, postgresql.auto.conf and
+# signal files were written by whoever controlled the backed-up server (ALTER SYSTEM, COPY
+# ... TO a file). The private server that checks it reads our own config files, not the
+# copy's postgresql.conf; the copy's postgresql.auto.conf is held aside while it runs; the
+# signal files are removed at extraction (physical.extract_with_tar); and every setting
+# that can run a command, load a library or write outside is forced on the command line
+# (the command line wins over both config files).
+NEUTRALISED_SETTINGS = (
+    "restore_command=",
+    "archive_command=",
+    "archive_library=",
+    "archive_mode=off",
+    "archive_cleanup_command=",
+    "recovery_end_command=",
+    "primary_conninfo=",
+    "primary_slot_name=",
+    "shared_preload_libraries=",
+    "session_preload_libraries=",
+    "local_preload_libraries=",
+    "dynamic_library_path=$libdir",
+    "jit=off",
+    "jit_provider=llvmjit",
+    "ssl=off",
+    "ssl_passphrase_command=",
+    "ssl_passphrase_command_supports_reload=off",
+    "ssl_cert_file=",
+    "ssl_key_file=",
+    "ssl_ca_file=",
+    "ssl_crl_file=",
+    "ssl_crl_dir=",
+    "krb_server_keyfile=",
+    "external_pid_file=",
+    "logging_collector=off",
+    "log_destination=stderr",
+    "unix_socket_group=",
+    "unix_socket_permissions=0700",
+)
+# Held aside (renamed) while the private server runs on a staged copy.
+AUTO_CONF = "postgresql.auto.conf"
+AUTO_CONF_HELD = "postgresql.auto.conf.rag-held"
 
 
 def find_server_bin_dir(explicit: Path | None) -> Path:
@@ -73,7 +113,11 @@ class LocalPostgres:
         data_dir: Path | None = None,
         user: str = "postgres",
         durable: bool = False,
+        recovery: tuple[str, ...] = (),
     ) -> None:
+        """``recovery``: our own settings for a point-in-time recovery of the staged copy
+        (restore_command from our decrypted WAL, the target), applied after the neutralised
+        ones (on the command line the last value wins)."""
         self.bin_dir = bin_dir
         self.root = Path(tempfile.mkdtemp(prefix="rag-drill-pg-", dir=work_dir))
         self.proc: Proc | None = None
@@ -83,6 +127,7 @@ class LocalPostgres:
         self.root.chmod(0o700)
         self.data_dir = data_dir if data_dir is not None else self.root / "data"
         self.port = 5432
+        self._held_auto_conf = False
         try:
             extra: list[str] = []
             if data_dir is None:
@@ -103,17 +148,26 @@ class LocalPostgres:
                     **run_as,
                 )
             else:
-                hba = self.root / "pg_hba.conf"
-                hba.write_text("local all all trust\n")
-                if run_as:
-                    os.chown(hba, _uid(run_as["user"]), _gid(run_as["group"]))
+                own = {
+                    "pg_hba.conf": "local all all trust\n",
+                    "pg_ident.conf": "",
+                    "postgresql.conf": "# rag-backup: settings are on the command line\n",
+                }
+                for name, text in own.items():
+                    path = self.root / name
+                    path.write_text(text)
+                    path.chmod(0o600)
+                    if run_as:
+                        os.chown(path, _uid(run_as["user"]), _gid(run_as["group"]))
+                if (data_dir / AUTO_CONF).exists():
+                    os.rename(data_dir / AUTO_CONF, data_dir / AUTO_CONF_HELD)
+                    self._held_auto_conf = True
                 extra = [
-                    f"hba_file={hba}",
-                    # The staged copy's own settings may point at certificates, archives
-                    # or libraries of the live server: none of that is needed to check it.
-                    "ssl=off",
-                    "archive_mode=off",
-                    "shared_preload_libraries=",
+                    f"config_file={self.root / 'postgresql.conf'}",
+                    f"hba_file={self.root / 'pg_hba.conf'}",
+                    f"ident_file={self.root / 'pg_ident.conf'}",
+                    *NEUTRALISED_SETTINGS,
+                    *recovery,
                 ]
             settings = [
                 "listen_addresses=",
@@ -174,6 +228,10 @@ class LocalPostgres:
                     self.proc.kill()
             self.proc.close()
             self.proc = None
+        if self._held_auto_conf:
+            # The copy's own settings go back with it (the live server will read them).
+            os.replace(self.data_dir / AUTO_CONF_HELD, self.data_dir / AUTO_CONF)
+            self._held_auto_conf = False
         shutil.rmtree(self.root, ignore_errors=True)
 
     def stop_checked(self) -> None:

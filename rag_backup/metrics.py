@@ -11,6 +11,7 @@ from pathlib import Path
 
 BACKUP_FILE = "rag_backup.prom"
 DRILL_FILE = "rag_restore_drill.prom"
+STORE_FILE = "rag_backup_store.prom"
 COMPONENTS = ("postgres", "redis", "chroma", "all")
 
 _SAMPLE = re.compile(
@@ -134,6 +135,21 @@ def write_drill_metrics(
     if duration is not None:
         lines.append(f"rag_restore_drill_duration_seconds {_fmt(duration)}")
     write_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_store_metrics(directory: Path, *, malformed: int, future: int) -> None:
+    """What the last scan of BACKUP_DIR found unusable (any command that lists it)."""
+    lines = [
+        "# HELP rag_backup_malformed_backups Backup folders skipped because their "
+        "manifest.json is malformed.",
+        "# TYPE rag_backup_malformed_backups gauge",
+        f"rag_backup_malformed_backups {malformed}",
+        "# HELP rag_backup_future_backups Backups dated more than an hour ahead of the "
+        "clock (suspect: never latest, never a reason to prune).",
+        "# TYPE rag_backup_future_backups gauge",
+        f"rag_backup_future_backups {future}",
+    ]
+    write_atomic(directory / STORE_FILE, "\n".join(lines) + "\n")
 
 
 def now() -> float:

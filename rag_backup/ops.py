@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from rag_backup import __version__, chroma, metrics, pg, redis_ops
+from rag_backup import __version__, chroma, metrics, pg, redis_ops, wal
 from rag_backup import physical as physical_mod
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
@@ -486,11 +486,14 @@ def list_backups(store: BackupStore) -> list[str]:
     ]
     for entry in reversed(store.entries()):
         components = ",".join(entry.manifest["components"])
+        flag = "  SUSPECT: dated in the future, never used as latest" if entry.future else ""
         lines.append(
-            f"{entry.backup_id:<20} {entry.manifest.get('created_at', '?'):<25} "
+            f"{entry.backup_id:<20} {entry.manifest.get('created_at', '?')!s:<25} "
             f"{human_bytes(entry.total_size):>10}  {components:<22} "
-            f"{pg_form_label(entry):<21} {verification_label(entry)}"
+            f"{pg_form_label(entry):<21} {verification_label(entry)}{flag}"
         )
+    for bad in store.malformed:
+        lines.append(f"{bad.backup_id:<20} MALFORMED, skipped: {bad.problem}")
     return lines
 
 
@@ -506,11 +509,17 @@ class RetentionPolicy:
 
 def select_kept(entries: list[BackupEntry], policy: RetentionPolicy) -> dict[str, list[str]]:
     """backup id -> reasons to keep it. The newest backup of each of the last N days, ISO
-    weeks and months that have backups is kept; so is the newest verified backup, and the
-    newest backup with a logical (portable) PostgreSQL dump: with physical-only daily
-    backups the retention alone could drop the last portable copy."""
+    weeks and months that have backups is kept; so are, whatever the policy (even all 0),
+    the newest backup and the newest verified backup, and the newest backup with a logical
+    (portable) PostgreSQL dump: with physical-only daily backups the retention alone could
+    drop the last portable copy. A backup dated in the future (``entry.future``) is suspect:
+    it is kept, and it counts for nothing (no period, not the newest)."""
     reasons: dict[str, list[str]] = {}
-    newest_first = sorted(entries, key=lambda e: (e.created_unix, e.backup_id), reverse=True)
+    for entry in entries:
+        if entry.future:
+            reasons[entry.backup_id] = ["dated in the future: suspect, left for the operator"]
+    current = [entry for entry in entries if not entry.future]
+    newest_first = sorted(current, key=lambda e: (e.created_unix, e.backup_id), reverse=True)
     buckets: tuple[tuple[str, int, Callable[[dt.datetime], tuple[int, ...]]], ...] = (
         ("daily", policy.daily, lambda t: (t.year, t.month, t.day)),
         ("weekly", policy.weekly, lambda t: tuple(t.isocalendar()[:2])),
@@ -525,6 +534,8 @@ def select_kept(entries: list[BackupEntry], policy: RetentionPolicy) -> dict[str
             if period not in seen:
                 seen.append(period)
                 reasons.setdefault(entry.backup_id, []).append(label)
+    if newest_first:
+        reasons.setdefault(newest_first[0].backup_id, []).append("newest")
     for entry in newest_first:
         if entry.verified_ok:
             reasons.setdefault(entry.backup_id, []).append("newest verified")
@@ -552,4 +563,17 @@ def prune(store: BackupStore, policy: RetentionPolicy, dry_run: bool) -> list[st
                 os.rename(entry.path, doomed)
                 shutil.rmtree(doomed)
             removed.append(entry.backup_id)
+        _prune_wal(store, [e for e in entries if e.backup_id not in removed], dry_run)
         return removed
+
+
+def _prune_wal(store: BackupStore, kept: list[BackupEntry], dry_run: bool) -> None:
+    """Archived WAL older than the oldest kept base backup serves no restore; without any
+    kept base backup nothing is deleted."""
+    starts = [e.created_unix for e in kept if not e.future and "physical" in e.pg_forms]
+    if not starts:
+        return
+    gone = wal.prune_segments(store, min(starts), dry_run)
+    if gone:
+        verb = "would delete" if dry_run else "deleted"
+        log(f"wal: {verb} {len(gone)} archived segment(s) older than the oldest base backup")

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -24,6 +24,9 @@ from rag_backup.progress import log
 from rag_backup.streams import CHUNK
 
 KIND = "pg_basebackup_tar"
+# Files that make a server start archive recovery or standby mode (and run restore_command):
+# a base backup needs neither (its WAL is in the archive); an attacker could have written one.
+SIGNAL_FILES = ("recovery.signal", "standby.signal")
 # Files every base backup of a cluster holds; verify checks they are in the archive.
 REQUIRED_MEMBERS = ("PG_VERSION", "global/pg_control", "backup_label", "backup_manifest")
 
@@ -113,6 +116,10 @@ def extract_with_tar(stream: IO[bytes], target: Path, run_as: Mapping[str, Any])
     missing = [name for name in REQUIRED_MEMBERS if not (target / name).is_file()]
     if missing:
         raise BackupError(f"physical backup archive lacks {', '.join(missing)}")
+    for name in SIGNAL_FILES:
+        if (target / name).exists():
+            log(f"physical backup: removing {name} found in the backup (never honoured)")
+            (target / name).unlink()
     for dirpath, dirnames, filenames in os.walk(target):
         for name in dirnames + filenames:
             if os.path.islink(os.path.join(dirpath, name)):
@@ -251,6 +258,48 @@ def check_cluster(
         )
     finally:
         server.stop()
+    return counts
+
+
+def check_pitr_cluster(
+    data_dir: Path,
+    bin_dir: Path,
+    component: Mapping[str, Any],
+    work_dir: Path,
+    jobs: int,
+    recovery: tuple[str, ...],
+    timeout_s: float = 3600,
+    probe: Callable[[pg.PostgresSettings], None] | None = None,
+) -> dict[str, int]:
+    """Start a private postgres on the extracted copy in archive recovery (``recovery``:
+    restore_command and target), wait until it has reached the target and promoted, count
+    the rows (they are the target time's, not the backup's), shut it down cleanly."""
+    (data_dir / "recovery.signal").touch()
+    server = LocalPostgres(
+        bin_dir,
+        work_dir,
+        jobs,
+        data_dir=data_dir,
+        user=str(component["physical"]["user"]),
+        durable=True,
+        recovery=recovery,
+    )
+    try:
+        database = str(component["database"])
+        deadline = time.monotonic() + timeout_s
+        while pg.psql_value(server.settings, "SELECT pg_is_in_recovery()", "postgres") != "f":
+            if time.monotonic() > deadline:
+                raise BackupError("postgres (PITR): recovery did not finish in time")
+            time.sleep(0.2)
+        settings = pg.PostgresSettings(database, server.settings.libpq_env, jobs, None)
+        counts = pg.row_counts(settings, database)
+        if probe is not None:
+            probe(settings)
+        server.stop_checked()
+    finally:
+        server.stop()
+    if (data_dir / "recovery.signal").exists():
+        raise BackupError("postgres (PITR): the server did not leave recovery")
     return counts
 
 

@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rag_backup.cli import environment_problems
 from rag_backup.metrics import BACKUP_FILE, DRILL_FILE, read_samples, write_atomic
+from rag_backup.offsite import scheduled_steps as offsite_steps
 
 SCHEDULER_FILE = "rag_backup_scheduler.prom"
 # Written by its own thread every HEARTBEAT_SECONDS, also while a long job runs.
@@ -42,6 +44,7 @@ STATE_FILE = ".rag_backup_scheduler_state.json"
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 # A heartbeat older than this fails the container's healthcheck.
 HEARTBEAT_MAX_AGE_SECONDS = 180
+WAL_INTERVAL_SECONDS = 60
 
 
 class ScheduleError(ValueError):
@@ -57,6 +60,9 @@ class Schedule:
     # and only when the backup is physical (pg_physical).
     pg_logical_weekday: int | None = None
     pg_physical: bool = False
+    # Continuous WAL archiving (rag-backup wal-archive every WAL_INTERVAL_SECONDS, in its own
+    # thread so a long nightly backup does not delay it): RPO of PostgreSQL = that interval.
+    wal_archive: bool = False
 
     @classmethod
     def parse(
@@ -67,6 +73,7 @@ class Schedule:
         *,
         pg_logical_weekday: str = "",
         pg_physical: str = "",
+        wal_archive: str = "",
     ) -> Schedule:
         def hhmm(option: str, text: str) -> dt.time:
             try:
@@ -91,12 +98,18 @@ class Schedule:
             raise ScheduleError(
                 f"RAG_BACKUP_PG_PHYSICAL = {pg_physical!r}; expected 1/0, true/false"
             )
+        wal = wal_archive.strip().lower()
+        if wal not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+            raise ScheduleError(
+                f"RAG_BACKUP_WAL_ARCHIVE = {wal_archive!r}; expected 1/0, true/false"
+            )
         return cls(
             hhmm("RAG_BACKUP_TIME", backup_time),
             WEEKDAYS.index(day),
             hhmm("RAG_DRILL_TIME", drill_time),
             WEEKDAYS.index(logical_day) if logical_day else None,
             physical in ("1", "true", "yes", "on"),
+            wal in ("1", "true", "yes", "on"),
         )
 
     def backup_args(self, now: dt.datetime) -> list[str]:
@@ -154,9 +167,9 @@ def run_job(
     runner: Callable[[Sequence[str]], int],
     backup_args: Sequence[str] = ("backup", "--verify"),
 ) -> bool:
-    """backup = backup --verify (``backup_args``), then prune; drill = drill. True when all
-    steps passed."""
-    steps = [list(backup_args), ["prune"]] if job == "backup" else [["drill"]]
+    """backup = backup --verify (``backup_args``), then prune, then the off-host copy
+    and its prune when a target is set; drill = drill. True when all steps passed."""
+    steps = [list(backup_args), ["prune"], *offsite_steps()] if job == "backup" else [["drill"]]
     for step in steps:
         print(f"rag-backup-schedule: running rag-backup {' '.join(step)}", flush=True)
         code = runner(step)
@@ -261,6 +274,19 @@ def _beat_forever(metrics_dir: Path) -> None:
         time.sleep(HEARTBEAT_SECONDS)
 
 
+def run_wal_archive(runner: Callable[[Sequence[str]], int] = _subprocess_runner) -> bool:
+    code = runner(["wal-archive", "--quiet"])
+    if code != 0:
+        print(f"rag-backup-schedule: rag-backup wal-archive failed (exit {code})", flush=True)
+    return code == 0
+
+
+def _wal_forever() -> None:
+    while True:
+        run_wal_archive()  # its own metrics (rag_backup_wal.prom) report every cycle
+        time.sleep(WAL_INTERVAL_SECONDS)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -301,14 +327,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.drill_time,
             pg_logical_weekday=args.pg_logical_weekday,
             pg_physical=os.environ.get("RAG_BACKUP_PG_PHYSICAL", ""),
+            wal_archive=os.environ.get("RAG_BACKUP_WAL_ARCHIVE", ""),
         )
     except ScheduleError as exc:
         print(f"rag-backup-schedule: error: {exc}", file=sys.stderr)
         return 2
+    # The settings rag-backup itself reads, checked before the first job: a typo gives one
+    # clear line at start, not a failed job (and a traceback) every night.
+    problems = environment_problems()
+    if problems:
+        for problem in problems:
+            print(f"rag-backup-schedule: error: {problem}", file=sys.stderr)
+        return 2
     if args.once:
+        # WAL first: the slot then exists before the base backup (no gap).
+        wal_ok = run_wal_archive() if schedule.wal_archive else True
         results = run_pending(schedule, args.metrics_dir, _now())
-        return 0 if all(results.values()) else 1
+        return 0 if wal_ok and all(results.values()) else 1
     threading.Thread(target=_beat_forever, args=(args.metrics_dir,), daemon=True).start()
+    if schedule.wal_archive:
+        threading.Thread(target=_wal_forever, daemon=True).start()
     while True:
         run_pending(schedule, args.metrics_dir, _now())
         time.sleep(60)  # slots are whole minutes

@@ -67,4 +67,11 @@ if [ "$(current image)" = "ghcr.io/example/rag_personal" ]; then
   ask imageTag "Tag to deploy (a git SHA)"
 fi
 
+# pulumi up applies the host firewall (scripts/host-firewall.sh) as root through
+# `sudo -n`; ask for the password once now rather than fail in the middle of the update.
+if [ "$(current hostFirewall)" != external ] && [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then
+  echo "up.sh: pulumi up closes the host to the backend network with iptables (sudo)"
+  sudo -v
+fi
+
 pulumi up --stack "$stack"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import json
 import runpy
 import secrets
 import string
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pulumi.runtime import rpc
+from pulumi.runtime.mocks import MockMonitor
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "personal-rag"
@@ -208,9 +210,21 @@ class TlsMaterial:
         return {**inputs, "certPem": pem, "readyForRenewal": False}
 
 
+def _state_key(typ: str, name: str, inputs: Mapping[str, Any]) -> str:
+    return json.dumps([typ, name, inputs], sort_keys=True, default=str)
+
+
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, stack: str, exit_codes: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        stack: str,
+        exit_codes: Mapping[str, int] | None = None,
+        provider_state: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.stack = stack
+        # Like a provider's state between two runs: a resource declared again with the
+        # same type, name and inputs gets the outputs it got before (its passwords, keys).
+        self.provider_state = provider_state
         # container name -> exit code the "engine" reports for that one-shot container
         self.exit_codes = dict(exit_codes or {})
         self.resources: list[Recorded] = []
@@ -220,7 +234,14 @@ class RecordingMocks(pulumi.runtime.Mocks):
         inputs = reveal(args.inputs)
         state: dict[str, Any] = dict(inputs)
         typ = args.typ
-        if typ == "tls:index/privateKey:PrivateKey":
+        key = _state_key(typ, args.name, inputs)
+        if self.provider_state is not None and key in self.provider_state:
+            state = self.provider_state[key]
+            if typ == "random:index/randomPassword:RandomPassword":
+                self.generated_secrets.append(state["result"])
+            elif typ == "tls:index/privateKey:PrivateKey":
+                self.generated_secrets.append(state["privateKeyPem"])
+        elif typ == "tls:index/privateKey:PrivateKey":
             state = TlsMaterial.private_key(inputs)
             self.generated_secrets.append(state["privateKeyPem"])
         elif typ == "tls:index/selfSignedCert:SelfSignedCert":
@@ -241,8 +262,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif typ == "docker:index/image:Image":
             digest = "sha256:" + hashlib.sha256(inputs["imageName"].encode()).hexdigest()
             state["repoDigest"] = inputs["imageName"].split(":")[0] + "@" + digest
+        if self.provider_state is not None:
+            self.provider_state[key] = state
         self.resources.append(Recorded(typ, args.name, args.inputs, state))
-        return f"{args.name}-id", state
+        # A changed input gives a new id, as a replaced container gets from the engine.
+        return f"{args.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}", state
 
     def call(
         self, args: pulumi.runtime.MockCallArgs
@@ -252,6 +276,95 @@ class RecordingMocks(pulumi.runtime.Mocks):
             digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
             return {"name": name, "sha256Digest": digest}, []
         raise NotImplementedError(f"mock has no answer for invoke {args.token}")
+
+
+ROOT_STACK_TYPE = "pulumi:pulumi:Stack"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the engine would receive for one resource: its URN and its options."""
+
+    urn: str
+    typ: str
+    name: str
+    custom: bool
+    protect: bool
+    retain_on_delete: bool
+    # URNs this resource answers to besides its own (its aliases and those its
+    # parents' aliases give it), as the engine resolves them.
+    alias_urns: frozenset[str]
+
+
+def engine_urn(stack: str, parent_urn: str, typ: str, name: str) -> str:
+    """The URN the Pulumi engine gives a resource: the parent's full qualified type
+    chain, ``$``-joined, except the root stack's (the mock monitor's own make_urn keeps
+    only the parent's last type, which `pulumi stack --show-urns` never shows)."""
+    if parent_urn:
+        parent_type = parent_urn.split("::")[2]
+        if parent_type != ROOT_STACK_TYPE:
+            typ = f"{parent_type}${typ}"
+    return f"urn:pulumi:{stack}::{PROJECT}::{typ}::{name}"
+
+
+def urn_type_and_name(urn: str) -> tuple[str, str]:
+    """(qualified type, name) of a URN; the name may itself contain ``::``."""
+    parts = urn.split("::")
+    return parts[2], "::".join(parts[3:])
+
+
+class RecordingMonitor(MockMonitor):
+    """The mock monitor, with engine URNs and the resource options the engine would
+    see (protect, retainOnDelete, aliases): mocks' new_resource never gets them."""
+
+    def __init__(self, mocks: pulumi.runtime.Mocks, stack: str) -> None:
+        super().__init__(mocks)
+        self.stack = stack
+        self.registrations: list[Registration] = []
+        self._alias_urns: dict[str, frozenset[str]] = {}
+
+    def make_urn(self, parent: str, type_: str, name: str) -> str:
+        return engine_urn(self.stack, parent, type_, name)
+
+    def _aliases(self, request: Any) -> frozenset[str]:
+        own: set[str] = set()
+        parent_alias_urns = self._alias_urns.get(request.parent, frozenset())
+        for alias in request.aliases:
+            if alias.urn:
+                own.add(alias.urn)
+                continue
+            spec = alias.spec
+            parent = "" if spec.noParent else (spec.parentUrn or request.parent)
+            own.add(
+                engine_urn(
+                    spec.stack or self.stack,
+                    parent,
+                    spec.type or request.type,
+                    spec.name or request.name,
+                ).replace(f"::{PROJECT}::", f"::{spec.project or PROJECT}::", 1)
+            )
+        # A child of an aliased parent answers to its name under the parent's old URNs.
+        for parent_alias in parent_alias_urns:
+            own.add(engine_urn(self.stack, parent_alias, request.type, request.name))
+        return frozenset(own)
+
+    def RegisterResource(self, request: Any) -> Any:
+        response = super().RegisterResource(request)
+        if request.type != ROOT_STACK_TYPE:
+            aliases = self._aliases(request)
+            self._alias_urns[response.urn] = aliases
+            self.registrations.append(
+                Registration(
+                    urn=response.urn,
+                    typ=request.type,
+                    name=request.name,
+                    custom=bool(request.custom),
+                    protect=bool(request.protect),
+                    retain_on_delete=bool(request.retainOnDelete),
+                    alias_urns=aliases,
+                )
+            )
+        return response
 
 
 # Tests run the committed stack files plus the secrets a user would set.
@@ -276,6 +389,14 @@ class ProgramRun:
     config: dict[str, str] = field(default_factory=dict)
     # (type, logical name) -> the ResourceOptions the program passed (mocks never see them)
     options: dict[tuple[str, str], pulumi.ResourceOptions] = field(default_factory=dict)
+    # (type, logical name) -> the resolved replacement_trigger option, where one is set
+    replacement_triggers: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # Every resource (components too) as the engine would register it.
+    registrations: list[Registration] = field(default_factory=list)
+
+    @property
+    def urns(self) -> dict[str, Registration]:
+        return {r.urn: r for r in self.registrations}
 
     def of_type(self, typ: str) -> list[Recorded]:
         return [r for r in self.resources if r.typ == typ]
@@ -316,14 +437,20 @@ def run_program(
     config: Mapping[str, str] | None = None,
     secret_keys: set[str] | None = None,
     exit_codes: Mapping[str, int] | None = None,
+    provider_state: dict[str, dict[str, Any]] | None = None,
 ) -> ProgramRun:
-    """Run __main__.py for ``stack`` under mocks; return what it declared and exported."""
+    """Run __main__.py for ``stack`` under mocks; return what it declared and exported.
+
+    Pass the same ``provider_state`` dict to two runs to model a second ``pulumi
+    preview`` against the state the first left (generated values are kept)."""
     config = dict(stack_config(stack) if config is None else config)
     secret_keys = SECRET_KEYS if secret_keys is None else secret_keys
-    mocks = RecordingMocks(stack, exit_codes)
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    mocks = RecordingMocks(stack, exit_codes, provider_state)
+    monitor = RecordingMonitor(mocks, stack)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(
-        {f"{PROJECT}:{k}": v for k, v in config.items()},
+        # A key with its own namespace (docker:host) is passed as it is.
+        {(k if ":" in k else f"{PROJECT}:{k}"): v for k, v in config.items()},
         [f"{PROJECT}:{k}" for k in secret_keys if k in config],
     )
     exported: dict[str, Any] = {}
@@ -333,6 +460,7 @@ def run_program(
         exported[name] = value
 
     options: dict[tuple[str, str], pulumi.ResourceOptions] = {}
+    triggers: dict[tuple[str, str], Any] = {}
     custom_init = pulumi.CustomResource.__init__
 
     def recording_init(
@@ -356,11 +484,24 @@ def run_program(
             for key, value in exported.items():
                 out = pulumi.Output.from_input(value)
                 exports[key] = (await out.future(), bool(await out.is_secret()))
+            for resource, opts in options.items():
+                if opts.replacement_trigger is not None:
+                    trigger = pulumi.Output.from_input(opts.replacement_trigger)
+                    triggers[resource] = (await trigger.future(), await trigger.is_secret())
 
         return pulumi.Output.from_input(resolve())
 
     program()
-    return ProgramRun(stack, mocks.resources, exports, mocks.generated_secrets, config, options)
+    return ProgramRun(
+        stack,
+        mocks.resources,
+        exports,
+        mocks.generated_secrets,
+        config,
+        options,
+        triggers,
+        monitor.registrations,
+    )
 
 
 INCOMING_DIR = "/incoming/"  # where the config-init containers receive the files

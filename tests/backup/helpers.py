@@ -160,6 +160,16 @@ def tree_snapshot(directory: Path) -> dict[str, str]:
     return result
 
 
+def live_tree(directory: Path) -> dict[str, str]:
+    """``tree_snapshot`` without rag-backup's own top-level ``.rag-*`` entries (the previous
+    contents a restore keeps inside the Chroma directory, a mount point)."""
+    return {
+        rel: digest
+        for rel, digest in tree_snapshot(directory).items()
+        if not rel.split("/")[0].startswith(".rag-")
+    }
+
+
 def chroma_rows(directory: Path) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(directory / "chroma.sqlite3")
     try:

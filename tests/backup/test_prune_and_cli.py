@@ -126,7 +126,9 @@ def test_age_encrypted_backup_verifies_and_names_a_wrong_identity(
     assert "wrong key" in wrong.stderr
 
 
-@pytest.mark.parametrize("command", ["backup", "verify", "list", "restore", "drill", "prune"])
+@pytest.mark.parametrize(
+    "command", ["backup", "verify", "list", "resolve", "restore", "drill", "prune", "wal-archive"]
+)
 def test_every_subcommand_has_help(command: str) -> None:
     result = run_cli([command, "--help"], {})
     assert result.returncode == 0
@@ -181,5 +183,5 @@ def test_bad_input_is_named_before_anything_is_touched(tmp_path: Path) -> None:
         assert message in last, (args, result.stderr)
     bad_components = run_cli(["backup", "--components", "mysql"], base)
     assert bad_components.returncode != 0
-    assert "--components: 'mysql'" in bad_components.stderr
+    assert "--components / RAG_BACKUP_COMPONENTS: 'mysql'" in bad_components.stderr
     assert not backups.exists()

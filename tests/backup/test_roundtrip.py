@@ -14,6 +14,7 @@ from tests.backup.conftest import Stack
 from tests.backup.helpers import (
     DATABASE,
     chroma_rows,
+    live_tree,
     pg_snapshot,
     redis_snapshot,
     run_cli,
@@ -99,8 +100,8 @@ def test_restore_over_live_data_keeps_previous_data_for_rollback(stack: Stack) -
     assert pg_snapshot(stack.pg) == pg_at_backup
     suffix = backup_id.lower()
     assert pg_snapshot(stack.pg, f"{DATABASE}_pre_restore_{suffix}") == pg_changed
-    assert tree_snapshot(stack.chroma_dir) == chroma_at_backup
-    kept_chroma = stack.chroma_dir.parent / f"chroma.pre-restore-{backup_id}"
+    assert live_tree(stack.chroma_dir) == chroma_at_backup
+    kept_chroma = stack.chroma_dir / f".rag-pre-restore-{backup_id}"
     assert tree_snapshot(kept_chroma) == chroma_changed
     assert (stack.redis_data / f"rag-pre-restore-{backup_id}" / "appendonlydir").is_dir()
     stack.start_redis()

@@ -32,6 +32,19 @@ STACKS = ("staging", "prod")
 # A password the cluster had before the program manages it (an adopted compose volume):
 # only the migration's verifier can make the stack's password work.
 PRE_EXISTING_PASSWORD = "password-from-before-the-migration"
+# What a docker compose deployment left behind: the app's objects owned by the bootstrap
+# superuser (serial and identity sequences, a view, a function, an enum), rows in them,
+# and an app role that exists with far too much (superuser, a dangerous membership).
+COMPOSE_SCHEMA = """
+CREATE TYPE mood AS ENUM ('good', 'bad');
+CREATE TABLE feedback (id serial PRIMARY KEY, comment text NOT NULL, mood mood);
+CREATE TABLE notes (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body text);
+INSERT INTO feedback (comment, mood) VALUES ('written before the migration', 'good');
+CREATE VIEW feedback_comments AS SELECT id, comment FROM feedback;
+CREATE FUNCTION feedback_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM feedback';
+CREATE ROLE rag_app LOGIN SUPERUSER CREATEDB CREATEROLE;
+GRANT pg_execute_server_program TO rag_app;
+"""
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +69,11 @@ def redis_servers(
             server.stop()
 
 
-def start_postgres_from_program(run: ProgramRun) -> PostgresUnderTest:
+def start_postgres_from_program(run: ProgramRun, adopted: bool = False) -> PostgresUnderTest:
     """Initialise a cluster as the postgres image's entrypoint does (superuser ``rag`` from
     POSTGRES_USER, database from POSTGRES_DB, local trust, host scram) and start it with the
-    program's server command. Only directories, port and listen address are the test's."""
+    program's server command. Only directories, port and listen address are the test's.
+    ``adopted``: the cluster also holds what a compose deployment left (COMPOSE_SCHEMA)."""
     postgres_bin = Path(require_tool("postgres")).resolve()
     initdb = require_tool("initdb")
     require_tool("psql")
@@ -148,6 +162,15 @@ def start_postgres_from_program(run: ProgramRun) -> PostgresUnderTest:
         )
         if created.returncode != 0:
             raise RuntimeError(f"createdb failed: {created.stderr.strip()}")
+        if adopted:
+            schema = server.run_as_postgres(
+                [
+                    *("psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", str(socket_dir)),
+                    *("-U", superuser, "-d", database, "-c", COMPOSE_SCHEMA),
+                ]
+            )
+            if schema.returncode != 0:
+                raise RuntimeError(f"compose schema failed: {schema.stderr.strip()}")
         return server
     except BaseException:
         if proc is not None:
@@ -161,7 +184,7 @@ def migrated_postgres(
     request: pytest.FixtureRequest, runs: dict[str, ProgramRun]
 ) -> Iterator[PostgresUnderTest]:
     run = runs[request.param]
-    server = start_postgres_from_program(run)
+    server = start_postgres_from_program(run, adopted=request.param == "prod")
     try:
         config_dir = write_files(uploaded_files(run, "postgres-migrate"), server.root / "migrate")
         if run_as_postgres():

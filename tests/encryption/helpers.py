@@ -132,10 +132,19 @@ class RedisUnderTest:
 
 
 def start_redis_from_program(
-    run: ProgramRun, redis_server: str, root: Path, attempts: int = 3
+    run: ProgramRun,
+    redis_server: str,
+    root: Path,
+    attempts: int = 3,
+    observer_acl: str | None = None,
 ) -> RedisUnderTest:
-    """redis-server with the program's command and files; only paths, port, bind mapped."""
+    """redis-server with the program's command and files; only paths, port, bind mapped.
+    ``observer_acl``: one extra ACL line (a test-only user that reads ACL LOG), appended
+    after the program's users, which stay exactly as declared."""
     config_dir = write_files(uploaded_files(run, "redis"), root / "etc" / "rag")
+    if observer_acl is not None:
+        with open(config_dir / "users.acl", "a") as acl:
+            acl.write(observer_acl.rstrip("\n") + "\n")
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     prefixes = {CONFIG_DIR: config_dir, "/data": data_dir}

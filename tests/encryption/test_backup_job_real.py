@@ -61,7 +61,7 @@ def job_environment(
         CHROMA_DIR=str(dirs["chroma"]),
         RAG_BACKUP_PG_BIN_DIR=str(Path(require_tool("postgres")).resolve().parent),
     )
-    assert mapped["REDIS_URL"] == f"rediss://backup@127.0.0.1:{redis.port}/0"
+    assert mapped["REDIS_URL"].startswith(f"rediss://backup@127.0.0.1:{redis.port}/0")
     return {**mapped, "PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": str(root)}
 
 

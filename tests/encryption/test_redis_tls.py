@@ -242,8 +242,9 @@ def test_no_plaintext_listener_is_configured(
     backup_tls_files: dict[str, dict[str, Path]],
 ) -> None:
     # The test overrides only tls-port and bind; the plaintext port is the program's.
-    password = generated_password(runs[stack], "redis-backup-password")
-    client = _acl_user_client(redis_servers[stack], backup_tls_files[stack], "backup", password)
+    # Read with the exporter's user: the only one allowed CONFIG GET.
+    password = generated_password(runs[stack], "redis-exporter-password")
+    client = _acl_user_client(redis_servers[stack], backup_tls_files[stack], "exporter", password)
     assert client.config_get("port") == {"port": "0"}
     assert client.config_get("tls-auth-clients") == {"tls-auth-clients": "yes"}
 

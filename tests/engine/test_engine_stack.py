@@ -195,6 +195,17 @@ def deployed_stack(
         yield Deployed(name, {key: out.value for key, out in result.outputs.items()})
     finally:
         try:
+            # Keys and data volumes are protected (destroy refuses them); a throwaway
+            # stack is the one place where they go too.
+            subprocess.run(
+                [pulumi, "state", "unprotect", "--all", "--yes", "--stack", name],
+                env={**os.environ, **env},
+                cwd=REPO_ROOT,
+                capture_output=True,
+                timeout=120,
+                # An empty stack has nothing to unprotect; destroy reports what is left.
+                check=False,
+            )
             stack.destroy(on_output=print, show_secrets=False, color="never")
             stack.workspace.remove_stack(name)
         finally:

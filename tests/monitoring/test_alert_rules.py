@@ -36,6 +36,7 @@ ALERTMANAGER = 'job="alertmanager",instance="rag-staging-alertmanager:9093"'
 NOTIFY_FAILED = "alertmanager_notifications_failed_total"
 LAST_BACKUP = "rag_backup_last_success_timestamp_seconds"
 SITE_URL = "https://staging.api.example.com/health"
+OFFSITE = "rag_backup_offsite_last_success_timestamp_seconds"
 HOUR = 3600.0
 DAY = 24 * HOUR
 # Long scenarios sample every 4 minutes: a wider gap than the 5m lookback would make the
@@ -300,6 +301,27 @@ def scenarios_for(alert: str) -> list[Scenario]:
         **_slo_scenarios(),
         **_backup_job_scenarios(),
         "VolumeFillingUp": _volume_scenarios(),
+        "OffsiteBackupStale": [
+            Scenario(
+                "off-host copies stopped succeeding",
+                {f"{OFFSITE}{{{NODE}}}": f"0+{SLOW:.0f}x{PER_DAY} {DAY:.0f}x{2 * PER_DAY}"},
+                onset=DAY + 26 * HOUR,
+                interval=SLOW,
+            ),
+            Scenario(
+                "daily copies",
+                {f"{OFFSITE}{{{NODE}}}": " ".join(f"{d * DAY:.0f}x{PER_DAY}" for d in range(4))},
+                None,
+                interval=SLOW,
+                check_at=(25 * HOUR, 3 * DAY + 23 * HOUR),
+            ),
+            Scenario(
+                "no off-host target on this stack",
+                {f"up{{{NODE}}}": "1x60"},
+                None,
+                check_at=healthy_hour,
+            ),
+        ],
         "AlertmanagerNotificationsFailing": [
             Scenario(
                 "email sends fail",

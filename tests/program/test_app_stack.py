@@ -222,12 +222,44 @@ def test_no_secret_value_appears_in_plaintext_anywhere(runs: dict[str, ProgramRu
         assert leaks == [], f"{stack}: secrets in plaintext at {leaks}"
 
 
+# A variable whose name says it holds a credential; *_FILE variables name a file instead.
+_CREDENTIAL_NAME = re.compile(
+    r".*(PASSWORD|PASSWD|SECRET|TOKEN|KEY|PASSPHRASE|CREDENTIAL).*|.*_AUTH"
+)
+
+
+def credential_envs(envs: list[str]) -> list[str]:
+    """Entries of ``envs`` that carry a credential by name (not a *_FILE path) or put a
+    password in a URL's userinfo (scheme://user:password@host)."""
+    found = []
+    for entry in envs:
+        name, _, value = entry.partition("=")
+        by_name = _CREDENTIAL_NAME.fullmatch(name.upper()) and not name.upper().endswith("_FILE")
+        in_url = re.search(r"://[^/@\s:]+:[^/@\s]+@", value)
+        if by_name or in_url:
+            found.append(name)
+    return found
+
+
 def test_env_vars_carry_no_credentials(runs: dict[str, ProgramRun]) -> None:
-    pattern = re.compile(r"(PASSWORD|SECRET|TOKEN|KEY)(?!_FILE)[A-Z_]*=", re.IGNORECASE)
     for run in runs.values():
         for name, c in run.containers.items():
-            for env in c.inputs.get("envs", []):
-                assert not pattern.match(env) or "_FILE=" in env, (name, env)
+            assert credential_envs(c.inputs.get("envs", [])) == [], name
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "POSTGRES_PASSWORD=hunter2",
+        "DATA_ENCRYPTION_KEY=abc",
+        "REDISCLI_AUTH=hunter2",
+        "DATABASE_URL=postgresql://rag_app:hunter2@db:5432/x",
+    ],
+)
+def test_env_check_catches_a_planted_credential(runs: dict[str, ProgramRun], planted: str) -> None:
+    api_envs = runs["prod"].containers["rag-prod-api"].inputs["envs"]
+    assert credential_envs(api_envs) == []
+    assert credential_envs([*api_envs, planted]) == [planted.partition("=")[0]]
 
 
 def test_backup_passphrase_export_is_secret(runs: dict[str, ProgramRun]) -> None:
@@ -310,11 +342,9 @@ def test_cluster_lives_in_a_subdirectory_unless_adopted(runs: dict[str, ProgramR
     assert pgdata(adopted, "prod") == mount
 
 
-def test_migration_runs_on_every_deploy_before_the_api() -> None:
-    first, second = run_program("prod"), run_program("prod")
-    key = ("docker:index/container:Container", "rag-prod-postgres-migrate")
-    trigger = first.options[key].replacement_trigger
-    assert trigger and trigger != second.options[key].replacement_trigger
+def test_migration_runs_before_the_api() -> None:
+    # When it re-runs (its trigger): tests/program/test_quiet_previews.py.
+    first = run_program("prod")
     api_deps = first.options[("docker:index/container:Container", "rag-prod-api")].depends_on
     assert "rag-prod-postgres-migrate" in {d._name for d in api_deps}  # type: ignore[union-attr]
     api = first.containers["rag-prod-api"]
@@ -350,3 +380,41 @@ def test_backend_bridges_have_fixed_distinct_interface_names(runs: dict[str, Pro
     )
     bridge = long_stack.networks["rag-ephemeral-a-very-long-name-1-backend"].inputs["options"]
     assert len(bridge["com.docker.network.bridge.name"]) <= 15
+
+
+def test_each_client_gets_its_own_database_role_and_redis_user(
+    runs: dict[str, ProgramRun],
+) -> None:
+    for stack, run in runs.items():
+        envs = {
+            service: dict(
+                e.split("=", 1) for e in run.containers[f"rag-{stack}-{service}"].inputs["envs"]
+            )
+            for service in ("api", "backup", "postgres-exporter", "postgres")
+        }
+        roles = {
+            "api": envs["api"]["PGUSER"],
+            "backup": envs["backup"]["PGUSER"],
+            "exporter": envs["postgres-exporter"]["DATA_SOURCE_USER"],
+        }
+        superuser = envs["postgres"]["POSTGRES_USER"]
+        assert len(set(roles.values())) == 3 and superuser not in roles.values(), roles
+        assert envs["api"]["DATABASE_URL"].startswith(f"postgresql://{roles['api']}@")
+        assert envs["backup"]["REDIS_URL"].startswith(f"rediss://backup@rag-{stack}-redis:")
+        assert envs["api"]["REDIS_URL"].startswith(f"rediss://app@rag-{stack}-redis:")
+
+
+def test_service_ports_are_written_only_where_clients_are_built() -> None:
+    """5432/6379 live in components/service_files.py; clients build addresses through
+    components/clients.py, so no other component spells them."""
+    from pathlib import Path
+
+    components = Path(__file__).resolve().parents[2] / "components"
+    spelled = [
+        f"{path.name}:{number}"
+        for path in sorted(components.glob("*.py"))
+        if path.name not in ("service_files.py", "clients.py")
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.search(r"\b(5432|6379)\b", line)
+    ]
+    assert spelled == []

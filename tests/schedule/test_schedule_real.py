@@ -112,3 +112,26 @@ def test_physical_daily_backup_without_the_dump_off_its_weekday(stack: Stack) ->
     kinds = [a["kind"] for a in manifest["components"]["postgres"]["artifacts"]]
     assert kinds == ["pg_basebackup_tar"]
     assert metric(stack.metrics_dir / DRILL_FILE, "rag_restore_drill_last_run_success") == 1
+
+
+def test_wal_archiving_runs_before_the_first_backup_and_reports(stack: Stack) -> None:
+    """RAG_BACKUP_WAL_ARCHIVE=1: a wal-archive cycle runs first (the slot exists before the
+    base backup: no gap), then every minute in its own thread; its metrics are valid."""
+    require_tool("pg_receivewal")
+    result = run_scheduler_once(
+        stack, {"RAG_BACKUP_PG_PHYSICAL": "1", "RAG_BACKUP_WAL_ARCHIVE": "1"}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    index = json.loads((stack.backup_dir / "wal" / "index.json").read_text())
+    assert index["covered_until"] > 0
+    wal_metrics = stack.metrics_dir / "rag_backup_wal.prom"
+    assert metric(wal_metrics, "rag_backup_wal_last_run_success") == 1
+    assert metric(wal_metrics, "rag_backup_wal_archived_until_timestamp_seconds")
+    check = subprocess.run(
+        [require_tool("promtool"), "check", "metrics"],
+        input=wal_metrics.read_text(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

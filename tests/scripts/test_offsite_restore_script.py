@@ -1,0 +1,88 @@
+"""scripts/offsite-restore.sh ("the VPS is gone") against the stand-in `docker` of the
+restore-script tests: pull inside the stack's backup job, then restore-stack.sh by the
+pulled id (never "latest"); bad input refused before any docker call. The pull and the
+restore themselves run for real in tests/offsite (real sshd, PostgreSQL, Redis)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.scripts.test_restore_script import FAKE_DOCKER, index
+from tests.tooling import require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "offsite-restore.sh"
+PULLED = "20261124T030000Z"
+# The job answers `offsite pull` with the pulled id on its last stdout line.
+FAKE = FAKE_DOCKER.replace(
+    'case "$1 $*" in\n',
+    f'case "$1 $*" in\n  *"offsite pull"*) echo "{PULLED}" ;;\n',
+)
+
+
+def run(tmp_path: Path, *args: str, stdin: str = "") -> tuple[int, list[str], str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(FAKE)
+    (bin_dir / "docker").chmod(0o755)
+    log = tmp_path / "docker.log"
+    log.write_text("")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "DOCKER_LOG": str(log),
+        "FAIL_ON": "",
+        "FAKE_PGDATA": "/var/lib/postgresql/data/pgdata",
+    }
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode, log.read_text().splitlines(), proc.stderr
+
+
+@pytest.mark.integration
+def test_script_passes_shellcheck() -> None:
+    subprocess.run([require_tool("shellcheck"), str(SCRIPT)], check=True)
+
+
+def test_pull_in_the_backup_job_then_restore_that_id(tmp_path: Path) -> None:
+    code, calls, err = run(tmp_path, "prod", "--key-volume", "rag-prod-old-keys", "--yes")
+    assert code == 0, err
+    pull = index(calls, "exec rag-prod-backup python3 -m rag_backup offsite pull latest")
+    verify = index(calls, f"-m rag_backup verify {PULLED}")
+    restore = index(calls, f"-m rag_backup restore {PULLED}")
+    assert pull < verify < restore
+    assert "rag-prod-old-keys" in calls[restore]
+
+
+def test_an_explicit_id_is_pulled(tmp_path: Path) -> None:
+    code, calls, err = run(tmp_path, "staging", "--id", "20261120T030000Z", "--yes")
+    assert code == 0, err
+    assert any("offsite pull 20261120T030000Z" in c for c in calls)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("vps",), "unknown stack 'vps'"),
+        (("prod", "--id", "../x"), "is not a backup id"),
+        (("prod", "--from", "staging"), "usage:"),
+    ],
+)
+def test_bad_input_is_refused_before_docker(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    code, calls, err = run(tmp_path, *args)
+    assert code == 2
+    assert message in err
+    assert calls == []
