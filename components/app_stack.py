@@ -59,6 +59,7 @@ from components.service_files import (
     POSTGRES_APP_USER,
     POSTGRES_DB,
     POSTGRES_USER,
+    POSTGRES_WAL_SETTINGS,
     REDIS_PORT,
     PostgresPasswords,
     RedisServerPaths,
@@ -165,6 +166,11 @@ def postgres_spec(inputs: AppStackInputs) -> ServiceSpec:
         command=[
             *("postgres", "-c", "password_encryption=scram-sha-256"),
             *("-c", f"hba_file={CONFIG_DIR}/pg_hba.conf"),
+            *(
+                arg
+                for key, value in POSTGRES_WAL_SETTINGS.items()
+                for arg in ("-c", f"{key}={value}")
+            ),
         ],
         user="postgres",
         files_owner="postgres:postgres",

@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = "docker/backup/Dockerfile"
 BACKUP_DIR = "/backups"
 SCRATCH_DIR = "/scratch"
+WAL_SPOOL_DIR = f"{SCRATCH_DIR}/wal-spool"
 BACKUP_IMAGE_REPOSITORY = "personal-rag/backup"
 
 
@@ -61,6 +62,16 @@ def logical_weekday_env(schedule: BackupSettings) -> dict[str, str]:
     if schedule.pg_physical and schedule.pg_logical_weekday:
         return {"RAG_BACKUP_PG_LOGICAL_WEEKDAY": schedule.pg_logical_weekday}
     return {}
+
+
+def wal_archive_env(schedule: BackupSettings) -> dict[str, str]:
+    """Continuous WAL archiving (point-in-time recovery) wherever base backups are physical:
+    archived WAL is useless without one. The spool that holds a segment in plaintext while
+    it is received is on the scratch volume, never on the backups volume (or host path)
+    that is copied and kept."""
+    if not schedule.pg_physical:
+        return {"RAG_BACKUP_WAL_ARCHIVE": "0"}
+    return {"RAG_BACKUP_WAL_ARCHIVE": "1", "RAG_BACKUP_WAL_SPOOL_DIR": WAL_SPOOL_DIR}
 
 
 def backup_build_args() -> dict[str, str]:
@@ -211,6 +222,7 @@ class Backups(pulumi.ComponentResource):
                     "RAG_BACKUP_PG_PHYSICAL": "1" if schedule.pg_physical else "0",
                     "RAG_BACKUP_PG_BIN_DIR": f"/usr/lib/postgresql/{POSTGRES_MAJOR}/bin",
                     **logical_weekday_env(schedule),
+                    **wal_archive_env(schedule),
                     "TMPDIR": SCRATCH_DIR,
                     **libpq_env(cfg, POSTGRES_BACKUP_USER, f"{secrets_dir}/pgpass"),
                     **redis_client_env(cfg, "backup", tls_dir, f"{secrets_dir}/redis_password"),

@@ -1062,6 +1062,60 @@ def runbook_url(settings: MonitoringSettings, alert: str) -> str:
     return f"{settings.runbook_base_url}#{alert.lower()}"
 
 
+# --- WAL archiving alerts (issue 14): rag-backup wal-archive's rag_backup_wal.prom ----------
+# Self-contained: the spec, expressions and rules of these two alerts live here alone.
+WAL_ARCHIVE_MAX_LAG_SECONDS = 300  # PostgreSQL's RPO target; a cycle runs every minute
+WAL_ALERTS: tuple[AlertSpec, ...] = (
+    AlertSpec(
+        "WalArchiveLagging",
+        "backups",
+        SEVERITY_PAGE,
+        "1m",
+        "PostgreSQL WAL archived only up to {{ $value | humanizeDuration }} ago",
+        "Commits newer than this are not yet archived, encrypted, at rest: the recovery point "
+        "is older than the 5-minute target (archiver stopped, failing or slow).",
+    ),
+    AlertSpec(
+        "WalArchiveFailing",
+        "backups",
+        SEVERITY_TICKET,
+        "3m",
+        "PostgreSQL WAL archiving fails",
+        "Every rag-backup wal-archive cycle for 3 minutes failed (rag_backup_wal_last_run_success "
+        "== 0): no new WAL reaches the archive, and the replication slot holds it on the server.",
+    ),
+)
+
+
+def _wal_expression(name: str) -> str:
+    node = f'job="{JOB_NODE}"'
+    return {
+        "WalArchiveLagging": (
+            f"time() - max(rag_backup_wal_archived_until_timestamp_seconds{{{node}}})"
+            f" > {WAL_ARCHIVE_MAX_LAG_SECONDS}"
+        ),
+        "WalArchiveFailing": f"max(rag_backup_wal_last_run_success{{{node}}}) == 0",
+    }[name]
+
+
+def wal_archive_alert_rules(settings: MonitoringSettings) -> list[dict[str, Any]]:
+    """The WAL archiving alerts' rules (group ``backups``), in render_alert_rules' shape."""
+    return [
+        {
+            "alert": alert.name,
+            "expr": _wal_expression(alert.name),
+            "for": alert.for_duration,
+            "labels": {"severity": alert.severity},
+            "annotations": {
+                "summary": alert.summary,
+                "description": alert.description,
+                "runbook_url": runbook_url(settings, alert.name),
+            },
+        }
+        for alert in WAL_ALERTS
+    ]
+
+
 def render_alert_rules(settings: MonitoringSettings) -> dict[str, Any]:
     """alerts.yml: one rule group per topic, every rule with severity, summary, runbook."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -1078,6 +1132,7 @@ def render_alert_rules(settings: MonitoringSettings) -> dict[str, Any]:
             },
         }
         groups.setdefault(alert.group, []).append(rule)
+    groups.setdefault("backups", []).extend(wal_archive_alert_rules(settings))
     return {"groups": [{"name": f"rag-{name}", "rules": rules} for name, rules in groups.items()]}
 
 

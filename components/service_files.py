@@ -23,7 +23,7 @@ POSTGRES_DB = "rag_feedback"
 # Each PostgreSQL client its own role (least privilege):
 POSTGRES_USER = "rag"  # the bootstrap superuser: the migration job only, never over TCP
 POSTGRES_APP_USER = "rag_app"  # the api: owns the app's tables, nothing else
-POSTGRES_BACKUP_USER = "rag_backup"  # pg_dump (pg_read_all_data) and pg_basebackup
+POSTGRES_BACKUP_USER = "rag_backup"  # pg_dump (pg_read_all_data), pg_basebackup, WAL
 POSTGRES_MONITOR_USER = "rag_monitor"  # postgres_exporter (pg_monitor)
 # Role -> (attributes, the only predefined roles it may be a member of).
 POSTGRES_CLIENT_ROLES: Mapping[str, tuple[str, tuple[str, ...]]] = {
@@ -32,6 +32,17 @@ POSTGRES_CLIENT_ROLES: Mapping[str, tuple[str, tuple[str, ...]]] = {
     POSTGRES_MONITOR_USER: ("NOREPLICATION", ("pg_monitor",)),
 }
 API_PORT = 8000
+# PostgreSQL server settings for continuous WAL archiving (the backup job's pg_receivewal
+# over a replication slot), on the server's command line so an adopted cluster's
+# postgresql.conf cannot weaken them. A slot keeps WAL on the server until it is received:
+# max_slot_wal_keep_size caps that, so a dead archiver cannot fill the data volume (past
+# it the slot is invalidated, wal-archive fails and WalArchiveFailing fires: docs/runbooks.md).
+POSTGRES_WAL_SETTINGS: Mapping[str, str] = {
+    "wal_level": "replica",
+    "max_wal_senders": "10",  # pg_basebackup + pg_receivewal, with room to spare
+    "max_replication_slots": "10",
+    "max_slot_wal_keep_size": "2GB",
+}
 
 
 @dataclass(frozen=True)
@@ -234,6 +245,8 @@ ALTER ROLE {POSTGRES_USER} WITH LOGIN PASSWORD '{superuser_verifier}';
 {roles}REVOKE ALL ON DATABASE {POSTGRES_DB} FROM PUBLIC;
 GRANT CONNECT, TEMPORARY ON DATABASE {POSTGRES_DB} TO {app};
 GRANT CONNECT ON DATABASE {POSTGRES_DB} TO {POSTGRES_BACKUP_USER}, {POSTGRES_MONITOR_USER};
+-- wal-archive closes the current segment each cycle (its slot it creates itself, REPLICATION).
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {POSTGRES_BACKUP_USER};
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE, CREATE ON SCHEMA public TO {app};
 {_APP_OBJECTS_TO_TRANSFER.format(superuser=POSTGRES_USER, app=app)}COMMIT;
@@ -243,8 +256,8 @@ GRANT USAGE, CREATE ON SCHEMA public TO {app};
 def render_pg_hba() -> str:
     """pg_hba.conf: trust only on the Unix socket (a volume shared with the migration job
     alone); the bootstrap superuser never over TCP; scram-sha-256 for the client roles;
-    replication (the backup job's pg_basebackup) only for the backup role, only from
-    the stack's own networks. First match wins."""
+    replication (the backup job's pg_basebackup and pg_receivewal) only for the backup role,
+    only from the stack's own networks. First match wins."""
     rows = [
         ("# TYPE", "DATABASE", "USER", "ADDRESS", "METHOD"),
         ("local", "all", "all", "", "trust"),

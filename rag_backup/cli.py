@@ -421,9 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     wal_archive.add_argument(
         "--spool-dir",
         type=Path,
-        default=None,
-        help="private directory for segments being received (default: <state-dir>/wal-spool, "
-        "else BACKUP_DIR/.wal-spool)",
+        default=_env_path("RAG_BACKUP_WAL_SPOOL_DIR"),
+        help="private directory for segments being received (env RAG_BACKUP_WAL_SPOOL_DIR; "
+        "default: <state-dir>/wal-spool, else BACKUP_DIR/.wal-spool)",
     )
 
     drill = sub.add_parser(

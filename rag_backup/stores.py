@@ -292,7 +292,12 @@ def drill_postgres_pitr(ctx: DrillContext) -> None:
         with checked_plaintext(ctx.cipher, entry, item, "postgres") as stream:
             physical.extract_with_tar(stream, data, run_as_owner_of(data))
         wal.stage_segments(
-            ctx.cfg.store, ctx.cipher, wal.backup_start_segment(data), segments, ctx.progress
+            ctx.cfg.store,
+            ctx.cipher,
+            wal.backup_start_segment(data),
+            segments,
+            ctx.progress,
+            ctx.cfg.jobs,
         )
         if os.geteuid() == 0:
             for path in segments.iterdir():
@@ -640,7 +645,7 @@ class PostgresPhysicalRestore(StoreRestore):
                 owner = data.stat()
                 os.chown(segments, owner.st_uid, owner.st_gid)
             count = wal.stage_segments(
-                self.cfg.store, cipher, wal.backup_start_segment(data), segments, progress
+                self.cfg.store, cipher, wal.backup_start_segment(data), segments, progress, jobs
             )
             if os.geteuid() == 0:
                 for item in segments.iterdir():

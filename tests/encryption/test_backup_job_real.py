@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from components.backups import SCRATCH_DIR
 from components.containers import CONFIG_DIR
+from components.service_files import POSTGRES_WAL_SETTINGS
 from tests.encryption.helpers import (
     PostgresUnderTest,
     RedisUnderTest,
@@ -26,6 +28,12 @@ from tests.tooling import require_tool
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _scratch_path(declared: str, dirs: dict[str, Path]) -> str:
+    """A path the job declares on its scratch volume, mapped to this test's scratch dir."""
+    assert declared.startswith(f"{SCRATCH_DIR}/"), f"{declared} is not on the scratch volume"
+    return str(dirs["scratch"] / declared.removeprefix(f"{SCRATCH_DIR}/"))
 
 
 def job_environment(
@@ -58,6 +66,7 @@ def job_environment(
         BACKUP_DIR=str(dirs["backups"]),
         RAG_BACKUP_METRICS_DIR=str(dirs["textfile"]),
         TMPDIR=str(dirs["scratch"]),
+        RAG_BACKUP_WAL_SPOOL_DIR=_scratch_path(declared["RAG_BACKUP_WAL_SPOOL_DIR"], dirs),
         CHROMA_DIR=str(dirs["chroma"]),
         RAG_BACKUP_PG_BIN_DIR=str(Path(require_tool("postgres")).resolve().parent),
     )
@@ -90,3 +99,72 @@ def test_backup_job_backs_up_and_verifies_with_its_declared_settings(
     # Every store, and the base backup taken over replication through the program's pg_hba.
     for expected in ("redis", "chroma", "postgres.dump", "postgres.base"):
         assert expected in artifacts, expected
+
+
+def _job(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rag_backup", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_wal_archiving_works_as_the_backup_role_through_the_programs_pg_hba(
+    migrated_postgres: PostgresUnderTest,
+    redis_servers: dict[str, RedisUnderTest],
+    runs: dict[str, ProgramRun],
+    tmp_path: Path,
+) -> None:
+    """The deployed job archives WAL (rag-backup wal-archive, as the scheduler runs it) as
+    rag_backup with only what the program's migration granted: its slot, pg_switch_wal().
+    The server runs with the program's WAL settings (a slot's WAL retention is capped)."""
+    stack = migrated_postgres.stack
+    env = job_environment(runs[stack], redis_servers[stack], migrated_postgres, tmp_path)
+    assert env["RAG_BACKUP_WAL_ARCHIVE"] == "1"  # the deployed default
+    assert env["PGUSER"] == "rag_backup"
+    first = _job(env, "wal-archive")
+    assert first.returncode == 0, first.stderr[-3000:]
+    psql = [require_tool("psql"), "-X", "-At", "-h", str(migrated_postgres.socket_dir)]
+    psql += ["-U", "rag", "-d", "rag_feedback", "-c"]
+    write = migrated_postgres.run_as_postgres(
+        [
+            *psql,
+            "CREATE TABLE IF NOT EXISTS wal_marker (v text); INSERT INTO wal_marker "
+            "SELECT repeat('x', 1000) FROM generate_series(1, 20000)",
+        ]
+    )
+    assert write.returncode == 0, write.stderr
+    second = _job(env, "wal-archive")
+    assert second.returncode == 0, second.stderr[-3000:]
+    wal_dir = Path(env["BACKUP_DIR"]) / "wal"
+    index = json.loads((wal_dir / "index.json").read_text())
+    assert len(index["segments"]) >= 2, index  # each cycle closes at least one segment
+    for record in index["segments"].values():
+        # At rest only encrypted: an OpenPGP packet (tag bit set), never a WAL page header.
+        assert record["file"].endswith(".zst.gpg"), record
+        assert (wal_dir / record["file"]).read_bytes()[0] & 0x80, record
+    spool = Path(env["RAG_BACKUP_WAL_SPOOL_DIR"])
+    assert not [p for p in spool.iterdir() if p.is_file()], "plaintext WAL left in the spool"
+    slot = migrated_postgres.run_as_postgres(
+        [
+            *psql,
+            "SELECT slot_type || ' ' || wal_status FROM pg_replication_slots "
+            "WHERE slot_name = 'rag_backup_wal'",
+        ]
+    )
+    assert slot.stdout.strip() == "physical reserved", slot.stdout + slot.stderr
+    # A live archiver holds no WAL on the server beyond what it has not yet archived.
+    released_sql = (
+        f"SELECT restart_lsn >= '{index['end_lsn']}'::pg_lsn "  # noqa: S608 - an LSN we read
+        "FROM pg_replication_slots WHERE slot_name = 'rag_backup_wal'"
+    )
+    released = migrated_postgres.run_as_postgres([*psql, released_sql])
+    assert released.stdout.strip() == "t", released.stdout + released.stderr
+    cap = migrated_postgres.run_as_postgres([*psql, "SHOW max_slot_wal_keep_size"])
+    expected_cap = POSTGRES_WAL_SETTINGS["max_slot_wal_keep_size"]
+    assert cap.stdout.strip() == expected_cap, cap.stdout + cap.stderr
+    metrics = (Path(env["RAG_BACKUP_METRICS_DIR"]) / "rag_backup_wal.prom").read_text()
+    assert "rag_backup_wal_last_run_success 1" in metrics

@@ -20,6 +20,7 @@ import yaml
 
 from components.monitoring_config import (
     ALERTS,
+    WAL_ALERTS,
     MonitoringConfigError,
     SloObjectives,
     render_alert_rules,
@@ -237,7 +238,7 @@ def _runbook_anchors() -> set[str]:
 def test_every_rule_has_severity_annotations_and_a_runbook_that_exists() -> None:
     anchors = _runbook_anchors()
     rules = [r for g in render_alert_rules(settings())["groups"] for r in g["rules"]]
-    assert {r["alert"] for r in rules} == {a.name for a in ALERTS}
+    assert {r["alert"] for r in rules} == {a.name for a in (*ALERTS, *WAL_ALERTS)}
     for rule in rules:
         assert rule["labels"]["severity"] in ("page", "ticket", "none"), rule["alert"]
         annotations = rule["annotations"]

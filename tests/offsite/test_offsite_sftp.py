@@ -21,6 +21,7 @@ from tests.backup.conftest import Stack, make_stack
 from tests.backup.helpers import (
     DATABASE,
     chroma_rows,
+    live_tree,
     pg_snapshot,
     redis_snapshot,
     run_cli,
@@ -223,7 +224,7 @@ def test_the_vps_is_gone_pull_onto_a_new_host_and_restore(
         restore = run_cli(["restore", backup_id, "--yes", *new.restore_args()], env_b)
         assert restore.returncode == 0, restore.stderr
         assert pg_snapshot(new.pg) == pg_a
-        assert tree_snapshot(new.chroma_dir) == chroma_a
+        assert live_tree(new.chroma_dir) == chroma_a
         assert chroma_rows(new.chroma_dir) == rows_a
         new.start_redis()
         assert redis_snapshot(new.redis) == redis_a

@@ -125,3 +125,31 @@ def test_portable_dump_weekday_follows_config(runs: dict[str, ProgramRun]) -> No
     logical_only = run_program("prod", stack_config("prod", backupPgPhysical="false"))
     # Without base backups every backup must carry the logical dump.
     assert "RAG_BACKUP_PG_LOGICAL_WEEKDAY" not in container_env(logical_only, "backup")
+
+
+def test_wal_archiving_is_on_for_both_stacks_with_its_spool_off_the_backups(
+    runs: dict[str, ProgramRun],
+) -> None:
+    for stack, run in runs.items():
+        env = container_env(run, "backup")
+        assert env["RAG_BACKUP_WAL_ARCHIVE"] == "1", stack
+        assert env["RAG_BACKUP_PG_PHYSICAL"] == "1", stack  # PITR replays onto a base backup
+        # Plaintext WAL is received into the scratch volume, never the kept/copied backups.
+        spool = env["RAG_BACKUP_WAL_SPOOL_DIR"]
+        m = mounts(run, f"rag-{stack}-backup")
+        (holder,) = [t for t in m if spool.startswith(f"{t}/")]
+        assert m[holder]["source"] == f"rag-{stack}-backup-scratch"
+        # The server it archives from keeps WAL for the slot, but never without bound.
+        command = run.containers[f"rag-{stack}-postgres"].inputs["command"]
+        settings = dict(
+            command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "-c"
+        )
+        assert settings["wal_level"] == "replica"
+        assert settings["max_slot_wal_keep_size"].endswith("GB")
+
+
+def test_wal_archiving_is_off_without_physical_base_backups() -> None:
+    run = run_program("staging", stack_config("staging", backupPgPhysical="false"))
+    env = container_env(run, "backup")
+    assert env["RAG_BACKUP_WAL_ARCHIVE"] == "0"
+    assert "RAG_BACKUP_WAL_SPOOL_DIR" not in env

@@ -1,0 +1,455 @@
+"""Benchmark: rag-backup's PostgreSQL backup, restore, RPO and point-in-time restore side by
+side with pgBackRest (issue 14 item 4), on the same data, same server, same run.
+
+One PostgreSQL 15 (full_page_writes on) archives its WAL to both at once: rag-backup
+(``wal-archive``: pg_receivewal over a slot, zstd + gpg per segment) and pgBackRest
+(``archive_command = pgbackrest archive-push``; repo cipher aes-256-cbc, zstd level 3,
+process-max 2). Then, timed:
+
+  backup        rag-backup backup --pg-physical --no-pg-logical --components postgres
+                pgbackrest backup --type=full
+  RPO           a commit, then how long until its WAL is archived, encrypted, at rest:
+                rag-backup: one wal-archive cycle (pg_switch_wal, receive, encrypt, fsync);
+                pgBackRest: pg_switch_wal() until pg_stat_archiver reports the segment pushed.
+                Each sample after a burst of writes. The schedule adds up to one interval
+                (rag-backup's cycle every minute; archive_timeout=60 for pgBackRest).
+  restore       to a writable server (PostgreSQL started, recovery done, checks included):
+                rag-backup restore --pg-mode physical (newest base backup);
+                pgbackrest restore --type=immediate --target-action=promote
+  PITR restore  both to the same target time between two marker rows, to a writable
+                server; each must show the earlier marker and not the later one.
+
+and prints times and rag-backup/pgBackRest ratios (< 1: rag-backup faster). Usage:
+  ./venv/bin/python benchmarks/pitr_bench.py [--size-mb 256] [--rpo-samples 5] [--work-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from backup_bench import DATABASE, PASSPHRASE, generate_postgres  # noqa: E402
+
+from rag_backup import wal  # noqa: E402
+from rag_backup.crypto import Cipher, CipherSettings  # noqa: E402
+from rag_backup.progress import Progress  # noqa: E402
+from rag_backup.store import BackupStore  # noqa: E402
+from tests.servers import (  # noqa: E402
+    PostgresServer,
+    free_port,
+    start_postgres,
+    stop_process,
+    wait_listening,
+)
+from tests.tooling import require_tool  # noqa: E402
+
+STANZA = "bench"
+POSTGRES_ONLY = ("--components", "postgres")
+WAL_INTERVAL_S = 60  # rag-backup's scheduler cycle; pgBackRest gets archive_timeout = this
+# Every restored server, either tool's: archiving off (a restored copy must not push into
+# the repository) and fsync on (the test server's fsync=off would spare pgBackRest's replay
+# the syncs rag-backup's private recovery server does).
+RESTORED_SETTINGS = ("-c", "archive_mode=off", "-c", "fsync=on")
+POSTGRES_RUN_AS: dict[str, Any] = (
+    {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+)
+
+
+def timed(label: str, func: Callable[[], object]) -> float:
+    os.sync()  # no step pays for the page cache its predecessor left dirty
+    started = time.monotonic()
+    func()
+    elapsed = time.monotonic() - started
+    print(f"  {label:<46} {elapsed:8.2f} s", flush=True)
+    return elapsed
+
+
+def chown_postgres(*paths: Path) -> None:
+    if POSTGRES_RUN_AS:
+        for path in paths:
+            shutil.chown(path, "postgres", "postgres")
+
+
+def postgres_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    chown_postgres(path)
+    return path
+
+
+def run(argv: list[str], env: dict[str, str], as_postgres: bool = False) -> str:
+    result = subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        **(POSTGRES_RUN_AS if as_postgres else {}),
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark step failed: {argv[:4]}...: {result.stderr[-2000:]}")
+    return result.stdout + result.stderr
+
+
+def write_load(pg: PostgresServer, mb: int) -> None:
+    """About ``mb`` MiB of WAL: inserts of incompressible-ish rows."""
+    rows = max(1, mb * 1024 * 1024 // 1100)
+    pg.psql(
+        "INSERT INTO load (body) SELECT md5(g::text) || repeat(md5(random()::text), 30) "  # noqa: S608
+        f"FROM generate_series(1, {rows}) g",
+        database=DATABASE,
+    )
+
+
+def wait_pushed(pg: PostgresServer, segment: str, timeout: float = 300) -> None:
+    """Until the server's archiver (pgbackrest archive-push) has stored ``segment``."""
+    deadline = time.monotonic() + timeout
+    while pg.psql("SELECT last_archived_wal FROM pg_stat_archiver").strip() < segment:
+        if time.monotonic() > deadline:
+            failed = pg.psql("SELECT last_failed_wal, failed_count FROM pg_stat_archiver")
+            raise SystemExit(f"pgbackrest archive-push did not store {segment}: {failed}")
+        time.sleep(0.01)
+
+
+def mark(pg: PostgresServer, name: str) -> None:
+    """A committed marker row (names are this script's literals)."""
+    pg.psql(f"INSERT INTO markers VALUES ('{name}', now())", database=DATABASE)  # noqa: S608
+
+
+def wait_writable(port: int, env: dict[str, str], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    argv = [require_tool("psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port)]
+    argv += ["-d", DATABASE, "-c", "SELECT pg_is_in_recovery()"]
+    while time.monotonic() < deadline:
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if result.returncode == 0 and result.stdout.strip() == "f":
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"server on port {port} not writable after {timeout:.0f} s")
+
+
+def markers(port: int, env: dict[str, str]) -> list[str]:
+    argv = [require_tool("psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port)]
+    argv += ["-d", DATABASE, "-c", "SELECT name FROM markers ORDER BY name"]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.split()
+
+
+class RestoredServer:
+    """A PostgreSQL started on a restored data directory, with the live server's settings
+    and RESTORED_SETTINGS."""
+
+    def __init__(self, template: PostgresServer, data_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        args = list(template.start_args)
+        args[args.index("-D") + 1] = str(data_dir)
+        args = [a.replace(f"port={template.port}", f"port={self.port}") for a in args]
+        args += [*RESTORED_SETTINGS]
+        with open(log, "ab") as log_file:
+            self.process = subprocess.Popen(
+                args, stdout=log_file, stderr=subprocess.STDOUT, **POSTGRES_RUN_AS
+            )
+        wait_listening(self.port, self.process, log)
+
+    def stop(self) -> None:
+        stop_process(self.process, 2)
+
+
+def pgbackrest_conf(root: Path, pg: PostgresServer, socket_dir: Path) -> Path:
+    conf = root / "pgbackrest.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "[global]",
+                f"repo1-path={postgres_dir(root / 'pgbr-repo')}",
+                "repo1-cipher-type=aes-256-cbc",
+                f"repo1-cipher-pass={PASSPHRASE}",
+                "repo1-retention-full=2",
+                "compress-type=zst",
+                "compress-level=3",
+                "process-max=2",
+                "start-fast=y",
+                f"log-path={postgres_dir(root / 'pgbr-log')}",
+                f"lock-path={postgres_dir(root / 'pgbr-lock')}",
+                f"spool-path={postgres_dir(root / 'pgbr-spool')}",
+                "log-level-console=warn",
+                "log-level-file=off",
+                "",
+                f"[{STANZA}]",
+                f"pg1-path={pg.data_dir}",
+                f"pg1-port={pg.port}",
+                f"pg1-socket-path={socket_dir}",
+                f"pg1-user={pg.user}",
+                "",
+            ]
+        )
+    )
+    conf.chmod(0o600)
+    chown_postgres(conf)
+    return conf
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-mb", type=int, default=256, help="PostgreSQL data (MiB)")
+    parser.add_argument("--rpo-samples", type=int, default=5)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args()
+    pgbackrest = require_tool("pgbackrest")
+
+    root = Path(tempfile.mkdtemp(prefix="rag-pitr-bench-", dir=args.work_dir))
+    root.chmod(0o755)  # the postgres user runs pgBackRest in here
+    conf = root / "pgbackrest.conf"
+    pgbr = [pgbackrest, f"--config={conf}", f"--stanza={STANZA}"]
+    pg = start_postgres(
+        root,
+        settings={
+            "full_page_writes": "on",  # as deployed: both tools archive realistic WAL
+            "archive_mode": "on",
+            "archive_command": " ".join([*pgbr, "archive-push", "%p"]),
+            "archive_timeout": str(WAL_INTERVAL_S),
+            "max_wal_size": "1GB",
+        },
+    )
+    servers: list[Any] = [pg]
+    try:
+        socket_dir = pg.root_dir  # start_postgres's unix_socket_directories
+        pgbackrest_conf(root, pg, socket_dir)
+        pgpass = root / "pgpass-postgres"
+        pgpass.write_text(f"127.0.0.1:*:*:{pg.user}:{pg.password}\n")
+        pgpass.chmod(0o600)
+        chown_postgres(pgpass)
+        # pgBackRest connects over the Unix socket: the same password, for its libpq.
+        pgbr_env = {**os.environ, "PGPASSFILE": str(pgpass), "PGPASSWORD": pg.password}
+        print(f"generating ~{args.size_mb} MiB of PostgreSQL data", flush=True)
+        generate_postgres(pg.psql, args.size_mb)
+        pg.psql("CREATE TABLE load (id bigserial PRIMARY KEY, body text)", database=DATABASE)
+        pg.psql("CREATE TABLE markers (name text, at timestamptz)", database=DATABASE)
+        size = int(pg.psql(f"SELECT pg_database_size('{DATABASE}')").strip())
+        print(f"  database: {size / 2**20:.0f} MiB (with indexes)")
+        print(f"  machine: {os.cpu_count()} cores, shared with other jobs (busy, noisy)")
+
+        key_file = root / "backup.key"
+        key_file.write_text(PASSPHRASE + "\n")
+        key_file.chmod(0o600)
+        env = {
+            **os.environ,
+            **pg.env(DATABASE),
+            "BACKUP_DIR": str(root / "rag-backups"),
+            "RAG_BACKUP_KEY_FILE": str(key_file),
+            "PYTHONPATH": str(REPO),
+        }
+        cli = [sys.executable, "-m", "rag_backup"]
+        client_env = {**os.environ, "PGPASSFILE": str(pgpass), "PGUSER": pg.user}
+
+        run([*pgbr, "stanza-create"], pgbr_env, as_postgres=True)
+        run([*cli, "wal-archive", "--quiet"], env)  # the slot first: no gap from here on
+        # Untimed: pgBackRest's archiver catches up on the data generation's WAL first (its
+        # backup waits for the archive), so neither backup pays for the generation.
+        segment = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
+        pg.psql("SELECT pg_switch_wal()")
+        wait_pushed(pg, segment, timeout=1800)
+        run([*cli, "wal-archive", "--quiet"], env)
+
+        print("base backups (same data, one after the other):", flush=True)
+        ids: dict[str, str] = {}
+
+        def ours_backup() -> None:
+            ids["base"] = run(
+                [*cli, "backup", "--quiet", "--pg-physical", "--no-pg-logical", *POSTGRES_ONLY],
+                env,
+            ).split()[0]
+
+        first_segment = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
+        ours_backup_s = timed("rag-backup backup (base backup)", ours_backup)
+        pgbr_backup_s = timed(
+            "pgbackrest backup --type=full",
+            lambda: run([*pgbr, "backup", "--type=full"], pgbr_env, as_postgres=True),
+        )
+        ours_size = sum(p.stat().st_size for p in (root / "rag-backups" / ids["base"]).iterdir())
+        pgbr_size = sum(
+            p.stat().st_size for p in (root / "pgbr-repo" / "backup").rglob("*") if p.is_file()
+        )
+        print(
+            f"  sizes: rag-backup {ours_size / 2**20:.1f} MiB, "
+            f"pgBackRest {pgbr_size / 2**20:.1f} MiB"
+        )
+
+        print(
+            f"RPO samples (after ~16 MiB of writes each; worst case adds the "
+            f"{WAL_INTERVAL_S} s schedule to both):",
+            flush=True,
+        )
+        ours_rpo: list[float] = []
+        pgbr_rpo: list[float] = []
+        for sample in range(args.rpo_samples):
+            write_load(pg, 16)
+            mark(pg, f"rpo-{sample}")
+            committed = time.time()
+            run([*cli, "wal-archive", "--quiet"], env)
+            ours_rpo.append(time.time() - committed)
+            index = json.loads((root / "rag-backups" / "wal" / "index.json").read_text())
+            assert index["covered_until"] >= committed, "the commit is not archived"
+
+            write_load(pg, 16)
+            mark(pg, f"rpo-pgbr-{sample}")
+            committed = time.time()
+            segment = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
+            pg.psql("SELECT pg_switch_wal()")
+            wait_pushed(pg, segment)
+            pgbr_rpo.append(time.time() - committed)
+            print(
+                f"  sample {sample}: rag-backup {ours_rpo[-1]:.2f} s, "
+                f"pgBackRest {pgbr_rpo[-1]:.2f} s"
+            )
+        pg.psql("DELETE FROM markers", database=DATABASE)
+
+        # WAL to replay for PITR: a quarter of the database written after the base backups.
+        write_load(pg, max(16, args.size_mb // 4))
+        mark(pg, "before")
+        time.sleep(1.0)
+        target = time.time()
+        time.sleep(1.0)
+        mark(pg, "after")
+        write_load(pg, 16)
+        run([*cli, "wal-archive", "--quiet"], env)
+        segment = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
+        pg.psql("SELECT pg_switch_wal()")
+        wait_pushed(pg, segment)
+        # Milliseconds: the precision both accept (pgBackRest's --target format).
+        target_at = dt.datetime.fromtimestamp(round(target, 3), dt.UTC)
+        target_iso = target_at.isoformat(timespec="milliseconds")
+        target_pgbr = (
+            target_at.strftime("%Y-%m-%d %H:%M:%S.") + f"{target_at.microsecond // 1000:03d}+00"
+        )
+        pg.shutdown()
+
+        print("restores to a writable server (PostgreSQL started, recovery done):", flush=True)
+        restore_root = postgres_dir(root / "restores")
+
+        def pgbr_restore(name: str, *target_args: str) -> RestoredServer:
+            data = postgres_dir(restore_root / name)
+            run(
+                [*pgbr, f"--pg1-path={data}", "restore", *target_args, "--target-action=promote"],
+                pgbr_env,
+                as_postgres=True,
+            )
+            server = RestoredServer(pg, data, restore_root / f"{name}.log")
+            servers.append(server)
+            wait_writable(server.port, client_env)
+            return server
+
+        holder: dict[str, RestoredServer] = {}
+        pgbr_restore_s = timed(
+            "pgbackrest restore --type=immediate",
+            lambda: holder.update(full=pgbr_restore("pgbr-full", "--type=immediate")),
+        )
+        holder["full"].stop()
+        pgbr_pitr_s = timed(
+            "pgbackrest restore --type=time (PITR)",
+            lambda: holder.update(
+                pitr=pgbr_restore("pgbr-pitr", "--type=time", f"--target={target_pgbr}")
+            ),
+        )
+        pgbr_markers = markers(holder["pitr"].port, client_env)
+        holder["pitr"].stop()
+        shutil.rmtree(restore_root / "pgbr-full")
+        shutil.rmtree(restore_root / "pgbr-pitr")
+
+        pg.start_args += [*RESTORED_SETTINGS]
+        physical = ["--components", "postgres", "--pg-mode", "physical", "--yes"]
+        physical += ["--pg-data-dir", str(pg.data_dir)]
+        timings: dict[str, str] = {}
+
+        def ours_restore(label: str, *target_args: str) -> None:
+            out = run([*cli, "restore", *physical, *target_args], env)
+            lines = [line for line in out.splitlines() if "timings:" in line]
+            timings[label] = lines[-1].split("timings:", 1)[1].strip() if lines else "?"
+            pg.start_again()
+            wait_writable(pg.port, client_env)
+
+        ours_restore_s = timed(
+            "rag-backup restore --pg-mode physical", lambda: ours_restore("full", ids["base"])
+        )
+        pg.shutdown()
+        for kept in pg.data_dir.parent.glob(f"{pg.data_dir.name}.pre-restore-*"):
+            shutil.rmtree(kept)  # untimed: the same starting state for the next restore
+        ours_pitr_s = timed(
+            "rag-backup restore --target-time (PITR)",
+            lambda: ours_restore("pitr", "--target-time", target_iso),
+        )
+        ours_markers = markers(pg.port, client_env)
+        for tool, found in (("rag-backup", ours_markers), ("pgBackRest", pgbr_markers)):
+            if found != ["before"]:
+                raise SystemExit(f"{tool}'s PITR copy has markers {found}, expected ['before']")
+        print("  both PITR copies: marker 'before' present, 'after' absent")
+        print("rag-backup restore phases (its own timings):")
+        for label, line in timings.items():
+            print(f"  {label:<5}: {line}")
+
+        print("where rag-backup's PITR staging goes: decrypting the archived WAL again,")
+        staged: dict[int, float] = {}
+        with Cipher(CipherSettings("gpg", key_file=key_file)) as cipher:
+            for jobs in (1, 2):
+                target_dir = Path(tempfile.mkdtemp(dir=root))
+
+                def stage(jobs: int = jobs, target_dir: Path = target_dir) -> None:
+                    staged[jobs] = wal.stage_segments(
+                        BackupStore(root / "rag-backups"),
+                        cipher,
+                        first_segment,
+                        target_dir,
+                        Progress(enabled=False),
+                        jobs,
+                    )
+
+                label = f"{'one at a time' if jobs == 1 else f'{jobs} at a time (as restore does)'}"
+                staged_s = timed(f"  segments {label}", stage)
+                print(
+                    f"    {staged[jobs]} segments, {staged_s / staged[jobs]:.2f} s each on average"
+                )
+                shutil.rmtree(target_dir)
+
+        def ratio(what: str, ours: float, theirs: float, target: float) -> str:
+            value = ours / theirs
+            verdict = "met" if value <= target else "MISSED"
+            return (
+                f"  {what:<34} rag-backup {ours:7.2f} s  pgBackRest {theirs:7.2f} s  "
+                f"ratio {value:5.2f} (target <= {target:g}: {verdict})"
+            )
+
+        print(f"results ({size / 2**20:.0f} MiB database; ratio = rag-backup / pgBackRest):")
+        print(ratio("backup (full / base)", ours_backup_s, pgbr_backup_s, 1))
+        print(ratio("restore to writable", ours_restore_s, pgbr_restore_s, 1))
+        print(ratio("PITR restore to writable", ours_pitr_s, pgbr_pitr_s, 1.2))
+        for name, samples in (("rag-backup", ours_rpo), ("pgBackRest", pgbr_rpo)):
+            print(
+                f"  RPO {name:<11} commit -> archived, encrypted, at rest: median "
+                f"{statistics.median(samples):.2f} s, max {max(samples):.2f} s; worst case "
+                f"with the {WAL_INTERVAL_S} s schedule {WAL_INTERVAL_S + max(samples):.1f} s"
+            )
+        return 0
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
