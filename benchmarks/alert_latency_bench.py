@@ -126,17 +126,17 @@ def _set_site(status: int) -> Callable[[probe_live.ProbePipeline], None]:
 def _backup_job(ok: bool) -> Callable[[probe_live.ProbePipeline], None]:
     def apply(p: probe_live.ProbePipeline) -> None:
         schedule = Schedule.parse("03:00", "sun", "04:30")
-        if ok:
-            # A recent successful backup, as rag-backup writes it: without it BackupTooOld
-            # (a ticket too) opens the digest group after 15 minutes and BackupJobFailed
-            # would wait for that group's flush instead of a fresh digest's group_wait.
-            write_backup_metrics(
-                p.textfile_dir,
-                success=True,
-                run_timestamp=time.time(),
-                durations=dict.fromkeys(BACKUP_COMPONENTS, 1.0),
-                sizes=dict.fromkeys(BACKUP_COMPONENTS, 1),
-            )
+        # The backup run's own metrics as rag-backup writes them: a success first (else
+        # BackupTooOld, a ticket too, opens the digest after 15 minutes), then a failed run
+        # (a written backup with a failed job would be BackupVerificationFailed instead,
+        # which inhibits BackupJobFailed -- measured).
+        write_backup_metrics(
+            p.textfile_dir,
+            success=ok,
+            run_timestamp=time.time(),
+            durations=dict.fromkeys(BACKUP_COMPONENTS, 1.0) if ok else {},
+            sizes=dict.fromkeys(BACKUP_COMPONENTS, 1) if ok else {},
+        )
         write_scheduler_metrics(p.textfile_dir, dt.datetime.now(dt.UTC), schedule, {"backup": ok})
 
     return apply
