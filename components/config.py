@@ -22,6 +22,8 @@ from typing import Any
 
 import pulumi
 
+from components.monitoring_config import SloObjectives, slo_problems
+
 PROJECT = "personal-rag"
 
 PROD = "prod"
@@ -235,6 +237,7 @@ class StackConfig:
     adopt_volumes: Mapping[str, str] = field(default_factory=dict)
     docs_host_path: str | None = None
     mds_host_path: str | None = None
+    slo: SloObjectives = field(default_factory=SloObjectives)
     host_firewall: HostFirewallSettings = field(default_factory=HostFirewallSettings)
 
     @property
@@ -296,6 +299,9 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "cacheHitsMetric": ("rag_cache_hits_total", False),
     "cacheMissesMetric": ("rag_cache_misses_total", False),
     "llmErrorsMetric": ("rag_llm_errors_total", False),
+    "sloAvailability": ("99.5", False),
+    "sloLatency": ("99", False),
+    "sloLatencyThreshold": ("1", False),
     "hostFirewall": ("managed", False),
     "hostSshKeyFile": ("~/.ssh/id_ed25519", False),
     "hostSshKnownHostsFile": ("~/.ssh/known_hosts", False),
@@ -765,6 +771,31 @@ def _parse_adopt_volumes(stack: str, c: _Collector) -> dict[str, str]:
     return result
 
 
+# SloObjectives field -> stack config key.
+_SLO_KEYS = {
+    "availability_percent": "sloAvailability",
+    "latency_percent": "sloLatency",
+    "latency_threshold_seconds": "sloLatencyThreshold",
+}
+
+
+def _parse_slo(c: _Collector) -> SloObjectives:
+    """The api's SLOs; the checks are the monitoring's own (slo_problems)."""
+    numbers: dict[str, float] = {}
+    for name, key in _SLO_KEYS.items():
+        value = c.get(key) or ""
+        try:
+            numbers[name] = float(value)
+        except ValueError:
+            c.fail(key, value, "a number, e.g. 99.5")
+    if len(numbers) < len(_SLO_KEYS):
+        return SloObjectives()
+    slo = SloObjectives(**numbers)
+    for name, expected in slo_problems(slo).items():
+        c.fail(_SLO_KEYS[name], c.get(_SLO_KEYS[name]), expected)
+    return slo
+
+
 def _parse_api_user(c: _Collector) -> str:
     """uid or uid:gid, never root: the api and the backup job run as it, and the
     volume-init step chowns to it."""
@@ -871,6 +902,7 @@ def parse_stack_config(
         adopt_volumes=_parse_adopt_volumes(stack, c),
         docs_host_path=_host_path(c, "docsHostPath", must_exist=local_engine),
         mds_host_path=_host_path(c, "mdsHostPath", must_exist=local_engine),
+        slo=_parse_slo(c),
         host_firewall=_parse_host_firewall(c, docker_host),
     )
     if c.problems:

@@ -5,9 +5,12 @@ The files (prometheus.yml, alerts.yml, alertmanager.yml) come from the pure rend
 (``smtp_auth_password_file``): Alertmanager never expands environment variables.
 
 Networks: Prometheus joins the stack's internal backend (to scrape the api and the
-exporters) and its own ``monitoring`` network, which is not internal so that the UIs
-can publish on 127.0.0.1 and Alertmanager can reach the SMTP server. The exporters
-stay on the backend only.
+exporters), the frontend (Caddy's metrics listener) and its own ``monitoring`` network,
+which is not internal so that the UIs can publish on 127.0.0.1 and Alertmanager can reach
+the SMTP server. The exporters stay on the backend only. blackbox_exporter is scraped on
+the monitoring network and probes what users reach: Caddy on the frontend, the api and
+Redis on the backend. (Caddy itself is declared by AppStack before the monitoring network
+exists, so the scrapers join Caddy's network rather than the other way round.)
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from components.containers import (
 from components.monitoring_config import (
     ALERT_RULES_FILE,
     ALERTMANAGER_FILE,
+    BLACKBOX_FILE,
     HEALTHCHECK_TESTS,
     MONITORING_IMAGES,
+    PROBE_TLS_FILES,
     PROMETHEUS_FILE,
     MonitoringSettings,
     render_all,
@@ -83,6 +88,7 @@ class Monitoring(pulumi.ComponentResource):
             n("monitoring"), name=n("monitoring"), driver="bridge", internal=False, opts=child
         )
         backend = NetworkAttachment(args.app.backend_network)
+        frontend = NetworkAttachment(args.app.frontend_network)
         monitoring = NetworkAttachment(self.monitoring_network)
 
         prometheus_data = stack_volume(n("prometheus-data"), self, "metrics", True)
@@ -118,6 +124,7 @@ class Monitoring(pulumi.ComponentResource):
         )
 
         exporters = self._exporters(args, backend)
+        blackbox = self._blackbox(args, files[BLACKBOX_FILE], [monitoring, frontend, backend])
         prometheus = hardened_container(
             n("prometheus"),
             ServiceSpec(
@@ -131,7 +138,7 @@ class Monitoring(pulumi.ComponentResource):
                 ],
                 user=NOBODY,
                 files_owner=NOBODY,
-                networks=[monitoring, backend],
+                networks=[monitoring, backend, frontend],
                 ports=[PublishedPort(9090, cfg.ports.prometheus, loopback)],
                 mounts=[volume_mount(prometheus_data.name, "/prometheus")],
                 memory_mb=1024,
@@ -142,14 +149,46 @@ class Monitoring(pulumi.ComponentResource):
                 ],
             ),
             parent=self,
-            depends_on=[alertmanager, *exporters],
+            depends_on=[alertmanager, *exporters, blackbox],
         )
-        self.containers = {"prometheus": prometheus, "alertmanager": alertmanager}
+        self.containers = {
+            "prometheus": prometheus,
+            "alertmanager": alertmanager,
+            "blackbox-exporter": blackbox,
+        }
         self.register_outputs(
             {
                 "monitoringNetwork": self.monitoring_network.name,
                 "textfileVolume": self.textfile_volume.name,
             }
+        )
+
+    def _blackbox(
+        self, args: MonitoringArgs, config_text: str, networks: list[NetworkAttachment]
+    ) -> docker.Container:
+        """blackbox_exporter: HTTPS through Caddy, the api's /health, a TLS handshake with
+        Redis presenting the probe's own client certificate of the stack's CA."""
+        n = args.config.resource_name
+        tls = args.redis_tls.clients["blackbox-exporter"]
+        return hardened_container(
+            n("blackbox-exporter"),
+            ServiceSpec(
+                service="blackbox-exporter",
+                image=MONITORING_IMAGES["blackbox-exporter"],
+                command=[f"--config.file={CONFIG_DIR}/{BLACKBOX_FILE}"],
+                user=NOBODY,
+                files_owner=NOBODY,
+                networks=networks,
+                memory_mb=64,
+                healthcheck=list(HEALTHCHECK_TESTS["blackbox-exporter"]),
+                files=[
+                    ConfigFile(BLACKBOX_FILE, config_text),
+                    ConfigFile(f"tls/{PROBE_TLS_FILES['ca_file']}", args.redis_tls.ca_cert_pem),
+                    ConfigFile(f"tls/{PROBE_TLS_FILES['cert_file']}", tls.cert_pem),
+                    ConfigFile(f"tls/{PROBE_TLS_FILES['key_file']}", tls.key_pem, secret=True),
+                ],
+            ),
+            parent=self,
         )
 
     def _exporters(

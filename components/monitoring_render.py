@@ -3,7 +3,7 @@
     python -m components.monitoring_render --stack staging --out DIR [--config-file PATH]
 
 Reads the non-secret settings from ``Pulumi.<stack>.yaml`` in the repository root and writes
-prometheus.yml, alerts.yml and alertmanager.yml. The SMTP password is never read: the
+prometheus.yml, alerts.yml, alertmanager.yml and blackbox.yml. The SMTP password is never read: the
 Alertmanager config only names the file it will be mounted at.
 """
 
@@ -20,14 +20,20 @@ import yaml
 from components.config import PROJECT, SECRET_KEYS, ConfigError, StackConfig, parse_stack_config
 from components.containers import CONFIG_DIR
 from components.monitoring_config import (
+    DOCKER_VOLUMES_DIR,
+    WATCHED_VOLUMES,
     AppMetricNames,
     MonitoringConfigError,
     MonitoringSettings,
+    default_probe_targets,
     render_all,
 )
+from components.service_files import REDIS_PORT
 
 # Where the Monitoring component mounts Alertmanager's SMTP password file.
 SMTP_PASSWORD_FILE = f"{CONFIG_DIR}/secrets/smtp_password"
+# Where the blackbox container finds the probe's Redis CA, client certificate and key.
+PROBE_TLS_DIR = f"{CONFIG_DIR}/tls"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +83,25 @@ def settings_from_config(cfg: StackConfig) -> MonitoringSettings:
             cache_misses=cfg.metrics.cache_misses,
             llm_errors=cfg.metrics.llm_errors,
         ),
+        domain=cfg.domain,
+        caddy_tls=cfg.caddy_tls,
+        probe_tls_dir=PROBE_TLS_DIR,
+        probe_targets=default_probe_targets(cfg.stack, REDIS_PORT),
+        volume_paths=volume_host_paths(cfg),
+        slo=cfg.slo,
     )
+
+
+def volume_host_paths(cfg: StackConfig) -> dict[str, str]:
+    """Host paths of the watched volumes' data: a bind-mounted backupHostPath, an adopted
+    volume, or the stack's own volume under Docker's default data root."""
+    paths = {}
+    for volume, suffix in WATCHED_VOLUMES.items():
+        name = cfg.adopt_volumes.get(volume) or cfg.resource_name(suffix)
+        paths[volume] = f"{DOCKER_VOLUMES_DIR}/{name}/_data"
+    if cfg.backup.host_path:
+        paths["backups"] = cfg.backup.host_path
+    return paths
 
 
 def settings_from_stack_config(stack: str, raw: Mapping[str, str]) -> MonitoringSettings:
@@ -113,7 +137,7 @@ def write_files(files: Mapping[str, str], out_dir: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m components.monitoring_render",
-        description="Write one stack's prometheus.yml, alerts.yml and alertmanager.yml.",
+        description="Write one stack's Prometheus, rules, Alertmanager and blackbox files.",
     )
     parser.add_argument("--stack", required=True, help="stack name, e.g. staging")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the files to")

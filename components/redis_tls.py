@@ -25,7 +25,9 @@ LEAF_VALIDITY_HOURS = 90 * 24
 LEAF_EARLY_RENEWAL_HOURS = 30 * 24
 CA_VALIDITY_HOURS = 5 * 365 * 24
 CA_EARLY_RENEWAL_HOURS = 365 * 24
-REDIS_CLIENTS = ("api", "redis-exporter", "backup")
+# blackbox-exporter: the TLS probe only completes a handshake (no Redis user), so the
+# server certificate's expiry is measured; mutual TLS needs it to show its own cert.
+REDIS_CLIENTS = ("api", "redis-exporter", "backup", "blackbox-exporter")
 
 
 @dataclass(frozen=True)

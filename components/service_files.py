@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from components.containers import CONFIG_DIR
+from components.monitoring_config import SERVICE_PORTS
 
 # Paths inside the Redis container.
 REDIS_TLS_DIR = f"{CONFIG_DIR}/tls"
@@ -276,12 +277,24 @@ def render_pgpass(host: str, user: str, password: str, database: str = "*") -> s
     return f"{esc(host)}:{POSTGRES_PORT}:{esc(database)}:{esc(user)}:{esc(password)}\n"
 
 
-def render_caddyfile(domain: str, upstream: str, tls_mode: str, email: str) -> str:
-    """Caddy: ``domain`` -> api; public ACME certificates in prod, Caddy's CA elsewhere."""
-    global_options = [f"email {email}", "admin localhost:2019"]
+def render_caddyfile(
+    domain: str,
+    upstream: str,
+    tls_mode: str,
+    email: str,
+    metrics_port: int = SERVICE_PORTS["caddy-metrics"],
+) -> str:
+    """Caddy: ``domain`` -> api; public ACME certificates in prod, Caddy's CA elsewhere.
+
+    ``servers { metrics }`` turns on per-request HTTP metrics (the api's SLOs); a plain-HTTP
+    listener on ``metrics_port`` serves them to Prometheus on the stack network only (the
+    port is never published on the host).
+    """
+    global_options = [f"email {email}", "admin localhost:2019", "servers {", "\tmetrics", "}"]
     site = [f"reverse_proxy {upstream}", "encode zstd gzip"]
     if tls_mode == "internal":
         site.insert(0, "tls internal")
     body = "\n".join(f"\t{line}" for line in site)
     options = "\n".join(f"\t{line}" for line in global_options)
-    return f"{{\n{options}\n}}\n\n{domain} {{\n{body}\n}}\n"
+    metrics_site = f"http://:{metrics_port} {{\n\tmetrics /metrics\n}}\n"
+    return f"{{\n{options}\n}}\n\n{domain} {{\n{body}\n}}\n\n{metrics_site}"

@@ -22,7 +22,7 @@ from tests.pulumi_harness import ProgramRun
 LEAF_LIFETIME = dt.timedelta(days=90)
 # pulumi-tls starts validity "now"; the mocks backdate a few minutes for clock skew.
 LIFETIME_SLACK = dt.timedelta(hours=1)
-REDIS_CLIENTS = ("api", "redis-exporter", "backup")
+REDIS_CLIENTS = ("api", "redis-exporter", "backup", "blackbox-exporter")
 
 
 def _cert(pem: str) -> x509.Certificate:

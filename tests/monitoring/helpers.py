@@ -6,7 +6,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from components.monitoring_config import MonitoringSettings, render_all
+from components.monitoring_config import MonitoringSettings, default_probe_targets, render_all
+from components.service_files import REDIS_PORT
 
 TOOL_TIMEOUT_S = 60
 
@@ -19,8 +20,12 @@ def settings(**overrides: Any) -> MonitoringSettings:
         "smtp_smarthost": "smtp.example.com:587",
         "smtp_from": "alerts@example.com",
         "smtp_username": "alerts@example.com",
+        "domain": "staging.api.example.com",
     }
-    return MonitoringSettings(**{**values, **overrides})
+    merged = {**values, **overrides}
+    # As the stack's settings: every probe, Redis's port from where the clients get it.
+    merged.setdefault("probe_targets", default_probe_targets(merged["stack"], REDIS_PORT))
+    return MonitoringSettings(**merged)
 
 
 def render_to(directory: Path, monitoring: MonitoringSettings) -> dict[str, Path]:

@@ -35,6 +35,7 @@ NODE = 'job="node-exporter",instance="rag-staging-node-exporter:9100"'
 ALERTMANAGER = 'job="alertmanager",instance="rag-staging-alertmanager:9093"'
 NOTIFY_FAILED = "alertmanager_notifications_failed_total"
 LAST_BACKUP = "rag_backup_last_success_timestamp_seconds"
+SITE_URL = "https://staging.api.example.com/health"
 OFFSITE = "rag_backup_offsite_last_success_timestamp_seconds"
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -58,6 +59,8 @@ class Scenario:
     labels: dict[str, str] = field(default_factory=dict)
     interval: float = 60.0
     check_at: tuple[float, ...] = ()
+    # MonitoringSettings fields that differ from the production defaults in this scenario.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def scenarios_for(alert: str) -> list[Scenario]:
@@ -294,6 +297,10 @@ def scenarios_for(alert: str) -> list[Scenario]:
                 check_at=(6 * DAY, 13 * DAY),
             ),
         ],
+        **_probe_scenarios(),
+        **_slo_scenarios(),
+        **_backup_job_scenarios(),
+        "VolumeFillingUp": _volume_scenarios(),
         "OffsiteBackupStale": [
             Scenario(
                 "off-host copies stopped succeeding",
@@ -334,6 +341,271 @@ def scenarios_for(alert: str) -> list[Scenario]:
         ],
     }
     return table[alert]
+
+
+SITE = f'job="probe-site",instance="{SITE_URL}"'
+PROBE_API = 'job="probe-api",instance="http://rag-staging-api:8000/health"'
+PROBE_REDIS = 'job="probe-redis",instance="rag-staging-redis:6379"'
+CERT_EXPIRY = "probe_ssl_earliest_cert_expiry"
+
+
+def _probe_scenarios() -> dict[str, list[Scenario]]:
+    healthy_hour = (10 * 60.0, HOUR)
+    site_labels = {"job": "probe-site", "instance": SITE_URL}
+    redis_labels = {"job": "probe-redis", "instance": "rag-staging-redis:6379"}
+    return {
+        "SiteDown": [
+            Scenario(
+                "site answers 500", {f"probe_success{{{SITE}}}": "1 1 0x30"}, 120, site_labels
+            ),
+            Scenario(
+                "api health fails",
+                {f"probe_success{{{PROBE_API}}}": "1 1 0x30"},
+                120,
+                {"job": "probe-api", "instance": "http://rag-staging-api:8000/health"},
+            ),
+            Scenario(
+                "a failing Redis handshake is not the site",
+                {f"probe_success{{{PROBE_REDIS}}}": "0x60", f"probe_success{{{SITE}}}": "1x60"},
+                None,
+                check_at=healthy_hour,
+            ),
+            Scenario(
+                "one failed probe", {f"probe_success{{{SITE}}}": "1 0 1x60"}, None, check_at=(HOUR,)
+            ),
+        ],
+        "SiteSlow": [
+            Scenario("3s answers", {f"probe_duration_seconds{{{SITE}}}": "3x60"}, 0, site_labels),
+            Scenario(
+                "fast answers",
+                {f"probe_duration_seconds{{{SITE}}}": "0.3x60"},
+                None,
+                check_at=healthy_hour,
+            ),
+            Scenario(
+                "a single slow answer",
+                {f"probe_duration_seconds{{{SITE}}}": "0.3x10 8 0.3x50"},
+                None,
+                check_at=(11 * 60.0, 13 * 60.0, HOUR),
+            ),
+        ],
+        "CertificateExpiringSoon": [
+            # The value is the expiry as a Unix time; the test clock starts at 0.
+            Scenario(
+                "Redis certificate 13 days from expiry",
+                {f"{CERT_EXPIRY}{{{PROBE_REDIS}}}": f"{13 * DAY:.0f}x60"},
+                0,
+                redis_labels,
+            ),
+            Scenario(
+                "Redis certificate crosses 14 days left",
+                {f"{CERT_EXPIRY}{{{PROBE_REDIS}}}": f"{14 * DAY + 1800:.0f}x90"},
+                1800,
+                redis_labels,
+            ),
+            Scenario(
+                "public certificate 10 days from expiry",
+                {f"{CERT_EXPIRY}{{{SITE}}}": f"{10 * DAY:.0f}x60"},
+                0,
+                site_labels,
+            ),
+            Scenario(
+                "renewal due (30 days left) but not missed",
+                {
+                    f"{CERT_EXPIRY}{{{PROBE_REDIS}}}": f"{30 * DAY:.0f}x60",
+                    f"{CERT_EXPIRY}{{{SITE}}}": f"{30 * DAY:.0f}x60",
+                },
+                None,
+                check_at=healthy_hour,
+            ),
+            Scenario(
+                "Caddy's internal CA: 8 hours left is normal",
+                {f"{CERT_EXPIRY}{{{SITE}}}": f"{8 * HOUR:.0f}x60"},
+                None,
+                check_at=(HOUR,),
+                overrides={"caddy_tls": "internal"},
+            ),
+            Scenario(
+                "Caddy's internal CA: renewal missed",
+                {f"{CERT_EXPIRY}{{{SITE}}}": f"{HOUR:.0f}x60"},
+                0,
+                site_labels,
+                overrides={"caddy_tls": "internal"},
+            ),
+        ],
+    }
+
+
+CADDY = 'job="caddy",instance="rag-staging-caddy:2020",handler="subroute",server="srv0"'
+
+
+def _caddy_traffic(
+    per_minute: int, answered_5xx: int = 0, unreachable: int = 0, slow: int = 0
+) -> dict[str, str]:
+    """Caddy's counters for ``per_minute`` api requests: ``answered_5xx`` 5xx from the api,
+    ``unreachable`` 502s of Caddy itself (no duration sample, as measured on real Caddy),
+    ``slow`` answered requests over the 1 s threshold."""
+    answered = per_minute - unreachable
+    series = {
+        f"caddy_http_requests_total{{{CADDY}}}": f"0+{per_minute}x400",
+        f'caddy_http_request_duration_seconds_count{{{CADDY},code="200"}}': (
+            f"0+{answered - answered_5xx}x400"
+        ),
+    }
+    if answered_5xx:
+        series[f'caddy_http_request_duration_seconds_count{{{CADDY},code="500"}}'] = (
+            f"0+{answered_5xx}x400"
+        )
+    if unreachable:
+        series[f"caddy_http_request_errors_total{{{CADDY}}}"] = f"0+{unreachable}x400"
+    bucket = "caddy_http_request_duration_seconds_bucket"
+    for le, count in (("0.5", answered - slow), ("1", answered - slow), ("+Inf", answered)):
+        series[f'{bucket}{{{CADDY},code="200",le="{le}"}}'] = f"0+{count}x400"
+    return series
+
+
+def _slo_scenarios() -> dict[str, list[Scenario]]:
+    """Budget: 0.5% errors (99.5% availability), 1% slow (99% under 1 s). Fast burn pages
+    above 14.4x the budget, slow burn tickets above 6x."""
+    normal = (HOUR, 6 * HOUR)
+    return {
+        "APIErrorBudgetFastBurn": [
+            Scenario("10% 5xx from the api", _caddy_traffic(100, answered_5xx=10), 60),
+            Scenario("10% 502, api unreachable", _caddy_traffic(100, unreachable=10), 60),
+            Scenario(
+                "4% errors: slow burn only",
+                _caddy_traffic(100, answered_5xx=4),
+                None,
+                check_at=normal,
+            ),
+            Scenario(
+                "normal 0.2% errors", _caddy_traffic(500, answered_5xx=1), None, check_at=normal
+            ),
+            Scenario("no traffic", _caddy_traffic(0), None, check_at=normal),
+        ],
+        "APIErrorBudgetSlowBurn": [
+            Scenario("4% errors", _caddy_traffic(100, answered_5xx=4), 60),
+            Scenario("4% of 502s", _caddy_traffic(100, unreachable=4), 60),
+            Scenario(
+                "normal 0.2% errors", _caddy_traffic(500, answered_5xx=1), None, check_at=normal
+            ),
+        ],
+        "APILatencyBudgetFastBurn": [
+            Scenario("20% over 1s", _caddy_traffic(100, slow=20), 60),
+            Scenario(
+                "8% over 1s: slow burn only", _caddy_traffic(100, slow=8), None, check_at=normal
+            ),
+            Scenario("normal 0.5% over 1s", _caddy_traffic(200, slow=1), None, check_at=normal),
+        ],
+        "APILatencyBudgetSlowBurn": [
+            Scenario("8% over 1s", _caddy_traffic(100, slow=8), 60),
+            Scenario("normal 0.5% over 1s", _caddy_traffic(200, slow=1), None, check_at=normal),
+        ],
+    }
+
+
+JOB_SUCCESS = "rag_backup_scheduler_job_success"
+LAST_RUN_SUCCESS = "rag_backup_last_run_success"
+
+
+def _backup_job_scenarios() -> dict[str, list[Scenario]]:
+    healthy = (10 * 60.0, HOUR)
+    # The scheduler's own job="..." label is renamed exported_job by the node-exporter scrape.
+    backup_job = f'{JOB_SUCCESS}{{{NODE},exported_job="backup"}}'
+    drill_job = f'{JOB_SUCCESS}{{{NODE},exported_job="drill"}}'
+    node_labels = {"job": "node-exporter", "instance": "rag-staging-node-exporter:9100"}
+    return {
+        "BackupJobFailed": [
+            Scenario(
+                "backup job failed",
+                {backup_job: "1 1 0x30", drill_job: "1x32"},
+                120,
+                {**node_labels, "exported_job": "backup"},
+            ),
+            Scenario(
+                "drill job failed",
+                {backup_job: "1x32", drill_job: "1 1 0x30"},
+                120,
+                {**node_labels, "exported_job": "drill"},
+            ),
+            Scenario(
+                "jobs succeed", {backup_job: "1x60", drill_job: "1x60"}, None, check_at=healthy
+            ),
+        ],
+        "BackupVerificationFailed": [
+            Scenario(
+                "backup written, verify failed",
+                {f"{LAST_RUN_SUCCESS}{{{NODE}}}": "1x32", backup_job: "1 1 0x30"},
+                120,
+            ),
+            Scenario(
+                "the backup itself failed (BackupJobFailed's case)",
+                {f"{LAST_RUN_SUCCESS}{{{NODE}}}": "1 1 0x30", backup_job: "1 1 0x30"},
+                None,
+                check_at=healthy,
+            ),
+            Scenario(
+                "verified backup",
+                {f"{LAST_RUN_SUCCESS}{{{NODE}}}": "1x60", backup_job: "1x60"},
+                None,
+                check_at=healthy,
+            ),
+        ],
+    }
+
+
+def _volume_scenarios() -> list[Scenario]:
+    """The backups on their own disk (/srv), PostgreSQL and Redis volumes on the host root."""
+    on_srv = {"volume_paths": {"backups": "/srv/rag-backups"}}
+    default_volumes = "/var/lib/docker/volumes"
+    gb = 1e9
+    per_sample_10gb_a_day = 10 * gb * SLOW / DAY
+    samples = 2 * PER_DAY
+    steady = f"{400 * gb:.0f}x{samples}"
+    filling = f"{5 * gb:.0f}-{per_sample_10gb_a_day:.0f}x{samples}"
+    # 2 GB written once a day at 03:00 with 300 GB free: a step, not a trend to panic over.
+    daily_backups = " ".join(f"{(300 - 2 * d) * gb:.0f}x{PER_DAY - 1}" for d in range(3))
+    node = {"job": "node-exporter", "instance": "rag-staging-node-exporter:9100"}
+    return [
+        Scenario(
+            "backups disk loses 10 GB a day with 5 GB left",
+            {**_filesystem_at("/srv", filling), **_filesystem_at("/", steady)},
+            SLOW,
+            {**node, "volume": "backups"},
+            interval=SLOW,
+            overrides=on_srv,
+        ),
+        Scenario(
+            "host root fills: the postgres volume lives there",
+            {**_filesystem_at("/", filling)},
+            SLOW,
+            {**node, "volume": "postgres"},
+            interval=SLOW,
+            overrides={
+                "volume_paths": {"postgres": f"{default_volumes}/rag-staging-postgres-data/_data"}
+            },
+        ),
+        Scenario(
+            "host root fills, the backups disk does not (longest mount point wins)",
+            {**_filesystem_at("/srv", steady), **_filesystem_at("/", filling)},
+            None,
+            interval=SLOW,
+            check_at=(2 * HOUR, DAY),
+            overrides=on_srv,
+        ),
+        Scenario(
+            "daily backups on a roomy disk",
+            {**_filesystem_at("/", daily_backups)},
+            None,
+            interval=SLOW,
+            check_at=(2 * HOUR, DAY + 4 * HOUR, 2 * DAY),
+        ),
+    ]
+
+
+def _filesystem_at(mountpoint: str, avail: str) -> dict[str, str]:
+    labels = f'{NODE},device="/dev/sd{len(mountpoint)}",fstype="ext4",mountpoint="{mountpoint}"'
+    return {f"node_filesystem_avail_bytes{{{labels}}}": avail}
 
 
 def _latency_buckets(fast: int, slow: int) -> dict[str, str]:
@@ -389,7 +661,8 @@ def _promtool_test(
     rules.write_text(dump_yaml(_without_annotations(render_alert_rules(monitoring))))
     for_seconds = parse_duration(monitoring.alert_for(alert))
     silent, fires = _eval_times(scenario, for_seconds)
-    expected_labels = {"severity": ALERTS_BY_NAME[alert].severity, **scenario.labels}
+    spec = ALERTS_BY_NAME[alert]
+    expected_labels = {"severity": spec.severity, **spec.labels, **scenario.labels}
     checks: list[dict[str, Any]] = [
         {"eval_time": f"{t:.0f}s", "alertname": alert, "exp_alerts": []} for t in silent
     ]
@@ -428,7 +701,7 @@ CASES = [
 @pytest.mark.parametrize(("alert", "scenario"), CASES)
 def test_alert_behaviour(alert: str, scenario: Scenario, tmp_path: Path) -> None:
     promtool = require_tool("promtool")
-    test, path = _promtool_test(alert, settings(), scenario, tmp_path)
+    test, path = _promtool_test(alert, settings(**scenario.overrides), scenario, tmp_path)
     assert test["tests"][0]["alert_rule_test"], "a scenario must check at least one time"
     result = run_tool(promtool, "test", "rules", path.name, cwd=tmp_path)
     assert result.returncode == 0, f"{alert} / {scenario.name}:\n{result.stdout}{result.stderr}"

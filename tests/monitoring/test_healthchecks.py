@@ -30,6 +30,7 @@ BINARIES = {
     "node-exporter": "prometheus-node-exporter",
     "redis-exporter": "prometheus-redis-exporter",
     "postgres-exporter": "prometheus-postgres-exporter",
+    "blackbox-exporter": "prometheus-blackbox-exporter",
 }
 
 
@@ -41,6 +42,8 @@ def _service_args(service: str, port: int, tmp_path: Path) -> list[str]:
     if service == "alertmanager":
         return [listen, f"--config.file={tmp_path / 'alertmanager.yml'}",
                 f"--storage.path={tmp_path / 'am'}", "--cluster.listen-address="]  # fmt: skip
+    if service == "blackbox-exporter":
+        return [listen, f"--config.file={tmp_path / 'blackbox.yml'}"]
     return [listen]
 
 

@@ -22,9 +22,11 @@ from components.monitoring_config import (
     ALERTS,
     WAL_ALERTS,
     MonitoringConfigError,
+    SloObjectives,
     render_alert_rules,
     render_alertmanager_config,
     render_all,
+    render_blackbox_config,
     render_prometheus_config,
 )
 from components.monitoring_render import main as render_main
@@ -39,16 +41,22 @@ VARIANTS = {
     "staging": settings(),
     "prod-with-heartbeat": settings(stack="prod", heartbeat_url=HEARTBEAT),
     "plain-smtp": settings(smtp_require_tls=False, smtp_smarthost="127.0.0.1:2525"),
+    "internal-tls-strict-slo": settings(
+        caddy_tls="internal",
+        slo=SloObjectives(availability_percent=99.9, latency_threshold_seconds=0.25),
+    ),
 }
 
 
 def _lint(directory: Path) -> None:
     promtool = require_tool("promtool")
     amtool = require_tool("amtool")
+    blackbox = require_tool("prometheus-blackbox-exporter")
     checks = [
         [promtool, "check", "config", "prometheus.yml"],  # also loads the rule file
         [promtool, "check", "rules", "alerts.yml"],
         [amtool, "check-config", "alertmanager.yml"],
+        [blackbox, "--config.check", "--config.file=blackbox.yml"],
     ]
     for args in checks:
         result = run_tool(*args, cwd=directory)
@@ -60,6 +68,18 @@ def _lint(directory: Path) -> None:
 def test_rendered_files_pass_promtool_and_amtool(variant: str, tmp_path: Path) -> None:
     render_to(tmp_path, VARIANTS[variant])
     _lint(tmp_path)
+
+
+@pytest.mark.integration
+def test_blackbox_check_catches_a_broken_module(tmp_path: Path) -> None:
+    """The blackbox lint can fail: a misspelt key is refused (strict parsing)."""
+    render_to(tmp_path, settings())
+    config = yaml.safe_load((tmp_path / "blackbox.yml").read_text())
+    tcp = config["modules"]["tls_redis"]["tcp"]
+    tcp["tls_confg"] = tcp.pop("tls_config")
+    (tmp_path / "blackbox.yml").write_text(yaml.safe_dump(config))
+    with pytest.raises(AssertionError, match=r"config\.check"):
+        _lint(tmp_path)
 
 
 @pytest.mark.integration
@@ -102,6 +122,7 @@ def test_render_command_writes_lintable_files_without_the_password(
     assert sorted(p.name for p in out.iterdir()) == [
         "alertmanager.yml",
         "alerts.yml",
+        "blackbox.yml",
         "prometheus.yml",
     ]
     _lint(out)
@@ -180,6 +201,7 @@ def test_prometheus_scrapes_every_service_by_its_docker_name() -> None:
     targets = {
         job["job_name"]: target
         for job in config["scrape_configs"]
+        if job["metrics_path"] == "/metrics"
         for static in job["static_configs"]
         for target in static["targets"]
     }
@@ -191,6 +213,8 @@ def test_prometheus_scrapes_every_service_by_its_docker_name() -> None:
         "node-exporter": "rag-staging-node-exporter:9100",
         "redis-exporter": "rag-staging-redis-exporter:9121",
         "postgres-exporter": "rag-staging-postgres-exporter:9187",
+        "blackbox-exporter": "rag-staging-blackbox-exporter:9115",
+        "caddy": "rag-staging-caddy:2020",
     }
     api = next(j for j in config["scrape_configs"] if j["job_name"] == "api")
     assert api["metrics_path"] == "/metrics"
@@ -200,7 +224,7 @@ def test_prometheus_scrapes_every_service_by_its_docker_name() -> None:
 
 
 def test_prometheus_config_of_prod_never_points_at_staging() -> None:
-    text = render_all(settings(stack="prod"))["prometheus.yml"]
+    text = render_all(settings(stack="prod", domain="api.example.com"))["prometheus.yml"]
     assert "staging" not in text
     assert "rag-prod-redis-exporter:9121" in text
 
@@ -216,7 +240,7 @@ def test_every_rule_has_severity_annotations_and_a_runbook_that_exists() -> None
     rules = [r for g in render_alert_rules(settings())["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} == {a.name for a in (*ALERTS, *WAL_ALERTS)}
     for rule in rules:
-        assert rule["labels"]["severity"] in ("critical", "warning", "none"), rule["alert"]
+        assert rule["labels"]["severity"] in ("page", "ticket", "none"), rule["alert"]
         annotations = rule["annotations"]
         assert annotations["summary"].strip(), rule["alert"]
         assert annotations["description"].strip(), rule["alert"]
@@ -258,8 +282,8 @@ def test_routing_watchdog_to_nobody_without_heartbeat(tmp_path: Path) -> None:
     config = render_alertmanager_config(settings())
     receivers = {r["name"]: r for r in config["receivers"]}
     assert set(receivers[receiver]) == {"name"}, "Watchdog's receiver must have no integration"
-    assert _route(tmp_path, "alertname=RedisDown", "severity=critical") == "email"
-    assert _route(tmp_path, "alertname=DiskSpaceLow", "severity=warning") == "email"
+    assert _route(tmp_path, "alertname=RedisDown", "severity=page") == "email"
+    assert _route(tmp_path, "alertname=DiskSpaceLow", "severity=ticket") == "ticket-digest"
 
 
 @pytest.mark.integration
@@ -280,8 +304,8 @@ def test_route_timings_follow_the_plan() -> None:
         "5m",
         "4h",
     )
-    critical = [r for r in route["routes"] if r.get("matchers") == ['severity="critical"']]
-    assert [r["repeat_interval"] for r in critical] == ["1h"]
+    page = [r for r in route["routes"] if r.get("matchers") == ['severity="page"']]
+    assert [r["repeat_interval"] for r in page] == ["1h"]
 
 
 def test_every_email_is_sent_resolved_and_names_the_stack() -> None:
@@ -360,26 +384,170 @@ def _alert_states(url: str) -> dict[tuple[str, str], list[str]]:
     }
 
 
-@pytest.mark.integration
-def test_critical_inhibits_warning_of_the_same_alertname_only(alertmanager: str) -> None:
-    def alert(name: str, severity: str) -> dict[str, Any]:
-        return {"labels": {"alertname": name, "severity": severity, "stack": "staging"}}
+def _alert(name: str, severity: str, **labels: str) -> dict[str, Any]:
+    return {"labels": {"alertname": name, "severity": severity, "stack": "staging", **labels}}
 
-    _post_alerts(
-        alertmanager,
-        [
-            alert("DiskSpaceLow", "critical"),
-            alert("DiskSpaceLow", "warning"),
-            alert("HighLatency", "warning"),
-        ],
-    )
+
+def _inhibited_after_posting(url: str, alerts: list[dict[str, Any]]) -> dict[str, bool]:
+    """alert key -> inhibited, once Alertmanager has evaluated every posted alert.
+
+    Each alert is keyed by its alertname plus its other distinguishing labels."""
+
+    def key(labels: dict[str, str]) -> str:
+        extra = sorted((k, v) for k, v in labels.items() if k not in ("alertname", "stack"))
+        return labels["alertname"] + "".join(f" {k}={v}" for k, v in extra)
+
+    _post_alerts(url, alerts)
+    wanted = {key(a["labels"]) for a in alerts}
     deadline = time.monotonic() + 10
-    states: dict[tuple[str, str], list[str]] = {}
+    states: dict[str, bool] = {}
     while time.monotonic() < deadline:
-        states = _alert_states(alertmanager)
-        if len(states) == 3 and states[("DiskSpaceLow", "warning")]:
+        with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=5) as response:  # noqa: S310
+            states = {
+                key(a["labels"]): bool(a["status"]["inhibitedBy"])
+                for a in json.loads(response.read())
+            }
+        # Inhibition is computed on read; give the sources a moment to be registered.
+        if wanted <= set(states) and any(states.values()):
             break
         time.sleep(0.1)
-    assert states[("DiskSpaceLow", "warning")], "the warning twin of a critical is inhibited"
-    assert states[("DiskSpaceLow", "critical")] == []
-    assert states[("HighLatency", "warning")] == [], "other alert names are not inhibited"
+    assert wanted <= set(states), (wanted, states)
+    return states
+
+
+@pytest.mark.integration
+def test_page_inhibits_the_ticket_of_the_same_alertname_only(alertmanager: str) -> None:
+    states = _inhibited_after_posting(
+        alertmanager,
+        [
+            _alert("DiskSpaceLow", "page"),
+            _alert("DiskSpaceLow", "ticket"),
+            _alert("HighLatency", "ticket"),
+        ],
+    )
+    assert states["DiskSpaceLow severity=ticket"], "the ticket twin of a page is inhibited"
+    assert not states["DiskSpaceLow severity=page"]
+    assert not states["HighLatency severity=ticket"], "other alert names are not inhibited"
+
+
+@pytest.mark.integration
+def test_site_down_inhibits_the_alerts_it_explains_only(alertmanager: str) -> None:
+    states = _inhibited_after_posting(
+        alertmanager,
+        [
+            _alert("SiteDown", "page", job="probe-site"),
+            _alert("APIDown", "page"),
+            _alert("HighErrorRate", "page"),
+            _alert("SiteSlow", "ticket", job="probe-site"),
+            _alert("APIErrorBudgetFastBurn", "page", slo="availability", burn="fast"),
+            _alert("APILatencyBudgetSlowBurn", "ticket", slo="latency", burn="slow"),
+            _alert("TargetDown", "ticket", job="api"),
+            # Causes, not symptoms: still mailed.
+            _alert("RedisDown", "page"),
+            _alert("TargetDown", "ticket", job="redis-exporter"),
+            _alert("CertificateExpiringSoon", "page", job="probe-redis"),
+        ],
+    )
+    assert not states["SiteDown job=probe-site severity=page"]
+    explained = [
+        "APIDown severity=page",
+        "HighErrorRate severity=page",
+        "SiteSlow job=probe-site severity=ticket",
+        "APIErrorBudgetFastBurn burn=fast severity=page slo=availability",
+        "APILatencyBudgetSlowBurn burn=slow severity=ticket slo=latency",
+        "TargetDown job=api severity=ticket",
+    ]
+    assert {k: states[k] for k in explained} == dict.fromkeys(explained, True)
+    causes = [
+        "RedisDown severity=page",
+        "TargetDown job=redis-exporter severity=ticket",
+        "CertificateExpiringSoon job=probe-redis severity=page",
+    ]
+    assert {k: states[k] for k in causes} == dict.fromkeys(causes, False)
+
+
+@pytest.mark.integration
+def test_fast_burn_inhibits_the_slow_burn_of_the_same_slo(alertmanager: str) -> None:
+    states = _inhibited_after_posting(
+        alertmanager,
+        [
+            _alert("APIErrorBudgetFastBurn", "page", slo="availability", burn="fast"),
+            _alert("APIErrorBudgetSlowBurn", "ticket", slo="availability", burn="slow"),
+            _alert("APILatencyBudgetSlowBurn", "ticket", slo="latency", burn="slow"),
+        ],
+    )
+    assert states["APIErrorBudgetSlowBurn burn=slow severity=ticket slo=availability"]
+    assert not states["APILatencyBudgetSlowBurn burn=slow severity=ticket slo=latency"]
+    assert not states["APIErrorBudgetFastBurn burn=fast severity=page slo=availability"]
+
+
+@pytest.mark.integration
+def test_every_new_alert_routes_by_its_severity(tmp_path: Path) -> None:
+    """amtool routes each alert, with the labels its rule gives it, to page or digest."""
+    render_to(tmp_path, settings())
+    expected = {"page": "email", "ticket": "ticket-digest"}
+    for alert in ALERTS:
+        if alert.severity == "none":
+            continue
+        labels = {"alertname": alert.name, "severity": alert.severity, **alert.labels}
+        receiver = _route(tmp_path, *(f"{k}={v}" for k, v in labels.items()), "stack=staging")
+        assert receiver == expected[alert.severity], alert.name
+    # A label set without a known severity still reaches a human at once.
+    assert _route(tmp_path, "alertname=Unknown") == "email"
+
+
+def test_tickets_are_one_digest_per_stack_a_day() -> None:
+    route = render_alertmanager_config(settings())["route"]
+    (digest,) = [r for r in route["routes"] if r.get("matchers") == ['severity="ticket"']]
+    assert digest["group_by"] == ["stack"], "every open ticket in one mail"
+    assert (digest["group_interval"], digest["repeat_interval"]) == ("24h", "24h")
+
+
+def test_every_subject_names_the_stack() -> None:
+    config = render_alertmanager_config(settings(stack="prod", domain="api.example.com"))
+    subjects = [
+        e["headers"]["Subject"] for r in config["receivers"] for e in r.get("email_configs", [])
+    ]
+    assert len(subjects) == 2
+    assert all(subject.startswith("[prod] ") for subject in subjects)
+
+
+# --- blackbox.yml ------------------------------------------------------------------------------
+def test_site_probe_dials_caddy_with_the_public_name_and_checks_tls() -> None:
+    acme = render_blackbox_config(settings(stack="prod", domain="api.example.com"))
+    http = acme["modules"]["https_site"]["http"]
+    assert http["headers"] == {"Host": "api.example.com"}
+    assert http["tls_config"] == {"server_name": "api.example.com"}, "acme: chain verified"
+    assert http["fail_if_not_ssl"] is True
+    internal = render_blackbox_config(settings(caddy_tls="internal"))
+    assert internal["modules"]["https_site"]["http"]["tls_config"]["insecure_skip_verify"]
+    redis = acme["modules"]["tls_redis"]["tcp"]
+    assert redis["tls"] is True
+    assert redis["tls_config"]["server_name"] == "rag-prod-redis"
+    assert {"ca_file", "cert_file", "key_file"} <= set(redis["tls_config"])
+
+
+def test_probe_instances_name_what_users_reach() -> None:
+    config = render_prometheus_config(settings())
+    probes = {j["job_name"]: j for j in config["scrape_configs"] if j["metrics_path"] == "/probe"}
+    assert set(probes) == {"probe-site", "probe-api", "probe-redis"}
+    site = probes["probe-site"]
+    relabels = {r["target_label"]: r.get("replacement") for r in site["relabel_configs"]}
+    assert relabels["instance"] == "https://staging.api.example.com/health"
+    assert relabels["__address__"] == "rag-staging-blackbox-exporter:9115"
+
+
+@pytest.mark.parametrize(
+    ("slo", "field", "value"),
+    [
+        (SloObjectives(availability_percent=90.0), "slo.availability_percent", 90.0),
+        (SloObjectives(latency_percent=100.0), "slo.latency_percent", 100.0),
+        (SloObjectives(latency_threshold_seconds=0.3), "slo.latency_threshold_seconds", 0.3),
+    ],
+)
+def test_bad_slo_names_the_field_value_and_what_is_expected(
+    slo: SloObjectives, field: str, value: float
+) -> None:
+    with pytest.raises(MonitoringConfigError) as raised:
+        settings(slo=slo)
+    assert f"{field} = {value!r} is invalid; expected" in str(raised.value)

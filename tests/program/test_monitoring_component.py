@@ -38,7 +38,8 @@ def test_exporters_stay_on_the_internal_backend(runs: dict[str, ProgramRun]) -> 
         prom = {
             n["name"] for n in run.containers[f"rag-{stack}-prometheus"].inputs["networksAdvanced"]
         }
-        assert prom == {f"rag-{stack}-backend", f"rag-{stack}-monitoring"}
+        # The frontend for Caddy's metrics listener (the api's SLOs).
+        assert prom == {f"rag-{stack}-backend", f"rag-{stack}-monitoring", f"rag-{stack}-frontend"}
         am = {
             n["name"]
             for n in run.containers[f"rag-{stack}-alertmanager"].inputs["networksAdvanced"]
@@ -86,7 +87,9 @@ def test_prometheus_config_points_at_this_stacks_services(runs: dict[str, Progra
             for sc in job["static_configs"]
             for t in sc["targets"]
         ]
-        assert targets and all(t.startswith(f"rag-{stack}-") for t in targets)
+        # Scrape targets are host:port; probe targets URLs of this stack's containers.
+        hosts = [t.split("://")[-1] for t in targets]
+        assert hosts and all(h.startswith(f"rag-{stack}-") for h in hosts), targets
         assert "alerts.yml" in files
 
 
