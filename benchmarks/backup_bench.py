@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import shutil
 import sqlite3
 import subprocess
@@ -35,7 +36,9 @@ sys.path.insert(0, str(REPO))
 from tests.servers import RedisServer, start_postgres, start_redis  # noqa: E402
 
 DATABASE = "rag_feedback"
-PASSPHRASE = "benchmark passphrase, not a secret"  # noqa: S105 - throwaway data
+# Shaped like the deployed key (StackSecrets: 64 random characters), which decides gpg's
+# stretching per file (rag_backup/crypto.py); generated per run, throwaway data.
+PASSPHRASE = secrets.token_urlsafe(48)
 
 
 def sh_pipeline(

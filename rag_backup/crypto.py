@@ -17,6 +17,15 @@ GPG_CIPHER = "AES256"
 # packet (tag 3): old format 0x8c/0x8d/0x8e, new format 0xc3.
 GPG_FIRST_BYTES = frozenset({0x8C, 0x8D, 0x8E, 0xC3})
 AGE_MAGIC = b"age-encryption.org/v1\n"
+# gpg's passphrase stretching (S2K iterations). The maximum makes each guess at a short,
+# human-chosen passphrase expensive; a long random one (the program's is 64 characters from
+# pulumi-random, ~380 bits) gains nothing from it, while every file pays it on decrypt:
+# ~0.25-0.5 CPU-s each, which dominated point-in-time restores of dozens of WAL segments.
+GPG_S2K_COUNT_STRETCHED = 65011712
+GPG_S2K_COUNT_LONG_KEY = 1048576
+# A passphrase of at least this many characters counts as a generated key. Length is not
+# entropy: a long key that a person chose is still stretched less -- docs/backup.md says so.
+LONG_KEY_MIN_CHARS = 40
 
 
 @dataclass(frozen=True)
@@ -131,11 +140,19 @@ class Cipher:
                 "--s2k-digest-algo",
                 "SHA512",
                 "--s2k-count",
-                "65011712",
+                str(self.s2k_count()),
                 "--output",
                 "-",
             ]
         return ["age", "--encrypt", "-R", str(self.settings.age_recipients_file)]
+
+    def s2k_count(self) -> int:
+        """The stretching for new files; decryption reads each file's own count."""
+        assert self.settings.key_file is not None
+        key = self.settings.key_file.read_bytes().strip()
+        if len(key) >= LONG_KEY_MIN_CHARS:
+            return GPG_S2K_COUNT_LONG_KEY
+        return GPG_S2K_COUNT_STRETCHED
 
     def decrypt_argv(self, path: Path | None) -> list[str]:
         """Decrypt ``path``, or stdin when it is None."""
