@@ -435,10 +435,10 @@ ALERTS: tuple[AlertSpec, ...] = (
         "backups",
         SEVERITY_TICKET,
         "5m",
-        "The newest backup was written but the job failed after it",
-        "The last backup run wrote its backup (rag_backup_last_run_success 1) but the "
-        "scheduled backup job failed afterwards: `rag-backup verify` found the backup "
-        "unreadable (or the prune step failed). A backup that does not verify is not a backup.",
+        "The newest backup exists but failed verification",
+        "The newest backup's last verification failed (rag_backup_newest_verification_failed "
+        "from rag-backup's store metrics): an artifact does not decrypt or its checksum does "
+        "not match. A backup that does not verify is not a backup.",
     ),
     AlertSpec(
         "VolumeFillingUp",
@@ -966,10 +966,7 @@ def _expression(name: str, s: MonitoringSettings) -> str:
             f" < {_num(t.cert_expiry_days * 86400)}"
         ),
         "BackupJobFailed": f"rag_backup_scheduler_job_success{{{node}}} == 0",
-        "BackupVerificationFailed": (
-            f"max(rag_backup_last_run_success{{{node}}}) == 1"
-            f' and on () max(rag_backup_scheduler_job_success{{{node},exported_job="backup"}}) == 0'
-        ),
+        "BackupVerificationFailed": f"max(rag_backup_newest_verification_failed{{{node}}}) == 1",
         "VolumeFillingUp": _volume_filling_expression(s),
     }
     for kind in SLO_KINDS:

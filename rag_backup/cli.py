@@ -728,14 +728,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
+# Commands that write a verification record, so the store metrics follow them.
+RECORDS_VERIFICATION = ("backup", "verify")
+
+
 def _write_store_metrics(args: argparse.Namespace) -> None:
     store: BackupStore | None = getattr(args, "opened_store", None)
     directory: Path | None = getattr(args, "metrics_dir", None)
-    if store is None or directory is None or not store.scanned:
+    if directory is None:
         return
     try:
+        backup_dir: Path | None = getattr(args, "backup_dir", None)
+        unscanned = store is None or not store.scanned
+        if args.command in RECORDS_VERIFICATION and unscanned and backup_dir is not None:
+            # backup --verify and verify of one id do not scan the folder, but their result
+            # is what rag_backup_newest_verification_failed reports.
+            store = BackupStore(backup_dir, state_dir=getattr(args, "state_dir", None))
+            store.entries()
+        if store is None or not store.scanned:
+            return
         metrics.write_store_metrics(
-            directory, malformed=len(store.malformed), future=store.future_count
+            directory,
+            malformed=len(store.malformed),
+            future=store.future_count,
+            newest_verification_failed=store.newest_verification_failed(),
         )
     except OSError as error:
         print(f"rag-backup: warning: cannot write metrics to {directory}: {error}", file=sys.stderr)

@@ -137,7 +137,9 @@ def write_drill_metrics(
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def write_store_metrics(directory: Path, *, malformed: int, future: int) -> None:
+def write_store_metrics(
+    directory: Path, *, malformed: int, future: int, newest_verification_failed: bool
+) -> None:
     """What the last scan of BACKUP_DIR found unusable (any command that lists it)."""
     lines = [
         "# HELP rag_backup_malformed_backups Backup folders skipped because their "
@@ -148,6 +150,10 @@ def write_store_metrics(directory: Path, *, malformed: int, future: int) -> None
         "clock (suspect: never latest, never a reason to prune).",
         "# TYPE rag_backup_future_backups gauge",
         f"rag_backup_future_backups {future}",
+        "# HELP rag_backup_newest_verification_failed 1 if the newest backup's last "
+        "verification failed (it exists but may not restore), else 0.",
+        "# TYPE rag_backup_newest_verification_failed gauge",
+        f"rag_backup_newest_verification_failed {1 if newest_verification_failed else 0}",
     ]
     write_atomic(directory / STORE_FILE, "\n".join(lines) + "\n")
 

@@ -139,6 +139,7 @@ class BackupStore:
         self._now = now
         self.malformed: list[Malformed] = []  # filled by entries()
         self.future_count = 0
+        self.newest: BackupEntry | None = None  # newest not dated in the future, by entries()
         self.scanned = False  # entries() looked at every folder
 
     def now(self) -> float:
@@ -273,8 +274,18 @@ class BackupStore:
                 found.append(entry)
         found.sort(key=lambda entry: (entry.created_unix, entry.backup_id))
         self.future_count = sum(1 for entry in found if entry.future)
+        self.newest = next((entry for entry in reversed(found) if not entry.future), None)
         self.scanned = True
         return found
+
+    def newest_verification_failed(self) -> bool:
+        """The newest backup's latest verification record (read now: a verify may have run
+        since the scan) says it failed. Never verified is not failed: BackupTooOld and the
+        job's own success cover a backup that was never checked."""
+        if self.newest is None:
+            return False
+        record = self._verification(self.newest.path)
+        return record is not None and not record.get("ok")
 
     def get(self, backup_id: str | None) -> BackupEntry:
         """The backup with ``backup_id``, or the newest one (not dated in the future) when
