@@ -731,10 +731,13 @@ def add_offsite_parser(
             add_metrics(parser)
         if action == "prune":
             for period, default in (("daily", "7"), ("weekly", "4"), ("monthly", "6")):
+                env = f"RAG_BACKUP_KEEP_{period.upper()}"
+                # A string default goes through ``type``: a bad environment value gets the
+                # clear error naming the variable, not a traceback while building the parser.
                 parser.add_argument(
                     f"--keep-{period}",
-                    type=keep_option(f"--keep-{period}"),
-                    default=int(os.environ.get(f"RAG_BACKUP_KEEP_{period.upper()}", default)),
+                    type=keep_option(f"--keep-{period} / {env}"),
+                    default=os.environ.get(env, default),
                 )
             parser.add_argument("--dry-run", action="store_true")
 
