@@ -42,6 +42,7 @@ OFFICIAL_TO_RECIPE: Mapping[str, str] = {
     "prom/node-exporter": "node-exporter",
     "oliver006/redis_exporter": "redis-exporter",
     "prometheuscommunity/postgres-exporter": "postgres-exporter",
+    "prom/blackbox-exporter": "blackbox-exporter",
 }
 # The backup Dockerfile's base-image build args -> the local recipe each must use.
 BACKUP_BASE_ARGS: Mapping[str, str] = {"POSTGRES_IMAGE": "postgres", "REDIS_IMAGE": "redis"}
