@@ -293,7 +293,7 @@ def test_renewed_redis_certificates_restart_redis_and_its_clients_which_reconnec
     replaced = redeploy(stacks, "staging", replace=set(ca_certs))
 
     n = "rag-staging-"
-    consumers = {"redis", "api", "redis-exporter", "backup"}
+    consumers = {"redis", "api", "redis-exporter", "blackbox-exporter", "backup"}
     assert set(replaced) == {
         *(f"{n}{s}" for s in consumers),
         *(f"{n}{s}-config-init" for s in consumers),
