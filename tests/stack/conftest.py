@@ -22,6 +22,7 @@ from tests.docker.conftest import docker_cli  # noqa: F401 - the shared engine f
 from tests.docker.engine import DockerCli, DockerObjects
 from tests.docker.translate import Renamer
 from tests.pulumi_harness import ProgramRun, run_program, stack_config
+from tests.servers import RedisTLSFiles, make_tls_files
 from tests.stack.apply import Applied, StackApplier, release_host_binds, run_parallel
 from tests.stack.images import LocalImages
 
@@ -47,9 +48,25 @@ def stack_run(
     return run_program(stack, config, provider_state=provider_state)
 
 
+def smtp_host(stack: str) -> tuple[str, int]:
+    """The SMTP server a stack's Alertmanager mails through (its ``smtpHost``)."""
+    host, port = stack_config(stack)["smtpHost"].rsplit(":", 1)
+    return host, int(port)
+
+
 @pytest.fixture(scope="session")
-def local_images(docker_cli: DockerCli) -> LocalImages:  # noqa: F811
-    images = LocalImages(docker_cli)
+def smtp_sink_tls(tmp_path_factory: pytest.TempPathFactory) -> RedisTLSFiles:
+    """A CA the local Alertmanager image trusts (as the official one trusts a public CA)
+    and a server certificate for the staging stack's SMTP host, for the SMTP sink."""
+    return make_tls_files(tmp_path_factory.mktemp("smtp-sink-tls"), smtp_host("staging")[0])
+
+
+@pytest.fixture(scope="session")
+def local_images(
+    docker_cli: DockerCli,  # noqa: F811
+    smtp_sink_tls: RedisTLSFiles,
+) -> LocalImages:
+    images = LocalImages(docker_cli, trusted_ca=smtp_sink_tls.ca_cert.read_bytes())
     images.app()
     return images
 

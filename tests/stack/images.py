@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,9 +42,15 @@ OFFICIAL_TO_RECIPE: Mapping[str, str] = {
     "prom/node-exporter": "node-exporter",
     "oliver006/redis_exporter": "redis-exporter",
     "prometheuscommunity/postgres-exporter": "postgres-exporter",
+    "prom/blackbox-exporter": "blackbox-exporter",
 }
 # The backup Dockerfile's base-image build args -> the local recipe each must use.
 BACKUP_BASE_ARGS: Mapping[str, str] = {"POSTGRES_IMAGE": "postgres", "REDIS_IMAGE": "redis"}
+# Recipes whose trust store gets ``LocalImages.trusted_ca``: Alertmanager mails through an
+# SMTP server whose certificate a public CA in the official image's bundle signs; here the
+# test's SMTP sink has a certificate of a CA the test makes.
+TRUSTING_RECIPES = frozenset({"alertmanager"})
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def repository_of(ref: str) -> str:
@@ -76,6 +83,7 @@ class LocalImages:
 
     docker: DockerCli
     built: dict[str, str] = field(default_factory=dict)  # recipe -> tag
+    trusted_ca: bytes | None = None  # PEM added to TRUSTING_RECIPES' CA bundle
 
     def _deadline(self) -> float:
         return time.monotonic() + BUILD_TIMEOUT_S
@@ -105,8 +113,24 @@ class LocalImages:
         if name not in self.built:
             if not (RECIPES / name / "Dockerfile").is_file():
                 raise KeyError(f"no local recipe {name!r} in {RECIPES}")
-            self.built[name] = self._build(name, RECIPES / name, {"SHARED_IMAGE": self.shared()})
+            tag = self._build(name, RECIPES / name, {"SHARED_IMAGE": self.shared()})
+            if name in TRUSTING_RECIPES and self.trusted_ca is not None:
+                tag = self._trusting(name, tag, self.trusted_ca)
+            self.built[name] = tag
         return self.built[name]
+
+    def _trusting(self, name: str, parent: str, ca_pem: bytes) -> str:
+        """``parent`` with ``ca_pem`` appended to its CA bundle (user, entrypoint kept)."""
+        bundle = self.docker.call("run", "--rm", "--entrypoint", "cat", parent, CA_BUNDLE)
+        if bundle.returncode != 0:
+            raise RuntimeError(f"{parent}: no {CA_BUNDLE}: {bundle.stderr.decode()[-500:]}")
+        with tempfile.TemporaryDirectory() as tmp:
+            context = Path(tmp)
+            (context / "ca-certificates.crt").write_bytes(bundle.stdout + b"\n" + ca_pem)
+            (context / "Dockerfile").write_text(
+                f"ARG PARENT\nFROM ${{PARENT}}\nCOPY ca-certificates.crt {CA_BUNDLE}\n"
+            )
+            return self._build(f"{name}-trusting-test-ca", context, {"PARENT": parent})
 
     def app(self) -> str:
         """The api: tests/engine/app on the shared Debian layer."""

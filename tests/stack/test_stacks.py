@@ -13,13 +13,15 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.pulumi_harness import TEST_SECRETS, run_program, stack_config
-from tests.stack.conftest import Stacks, image_id
+from tests.servers import RedisTLSFiles
+from tests.stack.conftest import Stacks, image_id, smtp_host
 from tests.stack.probes import caddy_request
 from tests.tooling import require_tool
 
@@ -291,7 +293,7 @@ def test_renewed_redis_certificates_restart_redis_and_its_clients_which_reconnec
     replaced = redeploy(stacks, "staging", replace=set(ca_certs))
 
     n = "rag-staging-"
-    consumers = {"redis", "api", "redis-exporter", "backup"}
+    consumers = {"redis", "api", "redis-exporter", "blackbox-exporter", "backup"}
     assert set(replaced) == {
         *(f"{n}{s}" for s in consumers),
         *(f"{n}{s}-config-init" for s in consumers),
@@ -310,3 +312,117 @@ def test_renewed_redis_certificates_restart_redis_and_its_clients_which_reconnec
     assert (status, deps["redis"]) == (200, "ok (tls)"), deps
     assert marker(stacks, "staging", "GET", "survives-upgrade") == PRESENT
     take_backup(stacks, "staging")  # the backup job reaches Redis with its new certificate
+
+
+SMTP_SINK_SCRIPT = Path(__file__).resolve().parent / "smtp_sink.py"
+# From the program's declared timings (components/monitoring_config.py), with margin:
+# RedisDown `for: 1m` + scrape and evaluation (15s each) + group_wait 30s; the resolved
+# mail waits for the group's next group_interval (5m) after the firing one.
+REDIS_DOWN_MAIL_TIMEOUT_S = 5 * 60
+RESOLVED_MAIL_TIMEOUT_S = 8 * 60
+
+
+@dataclass
+class SmtpSinkContainer:
+    """The SMTP sink (tests/stack/smtp_sink.py) in a container of the shared local image,
+    on a stack's monitoring network under the name its ``smtpHost`` gives."""
+
+    name: str
+    mailbox: Path
+
+    def mails(self) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted(self.mailbox.glob("[0-9]*.json"))]
+
+    def failed_logins(self) -> str:
+        log = self.mailbox / "failed-logins"
+        return log.read_text() if log.exists() else ""
+
+
+def start_smtp_sink(
+    stacks: Stacks, stack: str, tls: RedisTLSFiles, password: str, workdir: Path
+) -> SmtpSinkContainer:
+    host, port = smtp_host(stack)
+    network = stacks.applier.rename(f"rag-{stack}-monitoring")
+    alertmanager = stacks.applier.docker.inspect("container", stacks.name(stack, "alertmanager"))
+    assert network in alertmanager["NetworkSettings"]["Networks"], network
+    mailbox, secret = workdir / "mailbox", workdir / "secret"
+    mailbox.mkdir()
+    secret.mkdir(mode=0o700)
+    (secret / "smtp_password").write_text(password)
+    name = f"{stacks.applier.rename.prefix}{stack}-smtp-sink"
+    stacks.applier.objects.create_container(
+        name,
+        [
+            "--network", network, "--network-alias", host, "--cap-drop", "ALL",
+            "-v", f"{SMTP_SINK_SCRIPT}:/sink/smtp_sink.py:ro",
+            "-v", f"{tls.server_cert}:/sink/tls/server.crt:ro",
+            "-v", f"{tls.server_key}:/sink/tls/server.key:ro",
+            "-v", f"{secret}:/sink/secret:ro",
+            "-v", f"{mailbox}:/mailbox",
+            stacks.applier.images.shared(),
+            "python3", "/sink/smtp_sink.py", "/mailbox", "/sink/tls/server.crt",
+            "/sink/tls/server.key", stacks.runs[stack].config["smtpUsername"],
+            "/sink/secret/smtp_password", str(port),
+        ],
+    )  # fmt: skip
+    stacks.applier.docker.run("start", name)
+    deadline = time.monotonic() + 60
+    while "listening" not in (logs := stacks.applier.docker.call("logs", name)).stdout.decode():
+        assert time.monotonic() < deadline, logs.stderr.decode(errors="replace")[-2000:]
+        time.sleep(1)
+    return SmtpSinkContainer(name, mailbox)
+
+
+def wait_for_mail(
+    sink: SmtpSinkContainer, subject_has: tuple[str, ...], after: float, timeout: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        for mail in sink.mails():
+            if mail["received_at"] > after and all(s in mail["subject"] for s in subject_has):
+                return mail
+        assert time.monotonic() < deadline, (
+            f"no mail {subject_has} within {timeout:.0f}s; received: "
+            f"{[m['subject'] for m in sink.mails()]}; refused logins: {sink.failed_logins()!r}"
+        )
+        time.sleep(5)
+
+
+def test_a_redis_outage_mails_redis_down_through_alertmanager_and_the_resolved_mail_after(
+    stacks: Stacks, smtp_sink_tls: RedisTLSFiles, tmp_path: Path
+) -> None:
+    """Staging's Redis stopped: Alertmanager (trusting the sink's CA as the official image
+    trusts a public one) mails RedisDown over STARTTLS with the declared login to an SMTP
+    sink container named like the stack's ``smtpHost``; Redis back: the resolved mail.
+
+    Takes about 7-8 minutes on the program's own timings (not shortened for the test):
+    ~2 min to the firing mail, then Alertmanager's group_interval (5m) to the resolved one.
+    Runs last in this module and leaves Redis healthy.
+    """
+    run = stacks.runs["staging"]
+    sink = start_smtp_sink(stacks, "staging", smtp_sink_tls, TEST_SECRETS["smtpPassword"], tmp_path)
+    redis = stacks.name("staging", "redis")
+    stopped_at = time.time()
+    stacks.applier.docker.run("stop", redis, timeout=120)
+    try:
+        firing = wait_for_mail(
+            sink, ("[staging]", "FIRING", "RedisDown"), stopped_at, REDIS_DOWN_MAIL_TIMEOUT_S
+        )
+    finally:
+        restarted_at = time.time()
+        stacks.applier.docker.run("start", redis, timeout=120)
+    expected_envelope = {
+        "from": run.config["smtpFrom"],
+        "recipients": [run.config["alertEmail"]],
+        "login": run.config["smtpUsername"],
+        "tls": True,
+    }
+    assert {k: firing[k] for k in expected_envelope} == expected_envelope, firing
+    assert "RedisDown" in firing["body"], firing["body"][:2000]
+
+    resolved = wait_for_mail(
+        sink, ("[staging]", "RESOLVED", "RedisDown"), restarted_at, RESOLVED_MAIL_TIMEOUT_S
+    )
+    assert {k: resolved[k] for k in expected_envelope} == expected_envelope, resolved
+    assert not sink.failed_logins()
+    wait_all_healthy(stacks, "staging")
