@@ -294,6 +294,38 @@ def allocate_ports() -> dict[str, int]:
     return ports
 
 
+def alerting_processes(
+    binaries: dict[str, str], config_dir: Path, root: Path, ports: dict[str, int]
+) -> dict[str, Process]:
+    """Prometheus and Alertmanager on loopback with the rendered files in ``config_dir``
+    (logs in ``root/logs``): the part every live pipeline shares."""
+    logs = root / "logs"
+    return {
+        "alertmanager": Process(
+            "alertmanager",
+            [
+                binaries["alertmanager"],
+                f"--config.file={config_dir / 'alertmanager.yml'}",
+                f"--storage.path={root / 'alertmanager-data'}",
+                f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
+                "--cluster.listen-address=",
+                "--log.level=debug",
+            ],
+            logs / "alertmanager.log",
+        ),
+        "prometheus": Process(
+            "prometheus",
+            [
+                binaries["prometheus"],
+                f"--config.file={config_dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
+            ],
+            logs / "prometheus.log",
+        ),
+    }
+
+
 def start_live_monitoring(
     root: Path, make_settings: Callable[[dict[str, int], str], MonitoringSettings]
 ) -> LiveMonitoring:
@@ -371,28 +403,7 @@ def start_live_monitoring(
             ],
             logs / "redis-exporter.log",
         ),
-        "alertmanager": Process(
-            "alertmanager",
-            [
-                binaries["alertmanager"],
-                f"--config.file={config_dir / 'alertmanager.yml'}",
-                f"--storage.path={root / 'alertmanager-data'}",
-                f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
-                "--cluster.listen-address=",
-                "--log.level=debug",
-            ],
-            logs / "alertmanager.log",
-        ),
-        "prometheus": Process(
-            "prometheus",
-            [
-                binaries["prometheus"],
-                f"--config.file={config_dir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={root / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
-            ],
-            logs / "prometheus.log",
-        ),
+        **alerting_processes(binaries, config_dir, root, ports),
     }
     sink = SmtpSink(username=monitoring.smtp_username, password=smtp_password)
     live = LiveMonitoring(

@@ -47,6 +47,7 @@ from tests.monitoring.live import (
     SinkController,
     SmtpSink,
     _http_ok,
+    alerting_processes,
     wait_until,
 )
 from tests.servers import free_port
@@ -302,28 +303,7 @@ def start_probe_pipeline(
             ],
             logs / "node.log",
         ),
-        "alertmanager": Process(
-            "alertmanager",
-            [
-                binaries["alertmanager"],
-                f"--config.file={config_dir / 'alertmanager.yml'}",
-                f"--storage.path={root / 'alertmanager-data'}",
-                f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
-                "--cluster.listen-address=",
-                "--log.level=debug",
-            ],
-            logs / "alertmanager.log",
-        ),
-        "prometheus": Process(
-            "prometheus",
-            [
-                binaries["prometheus"],
-                f"--config.file={config_dir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={root / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
-            ],
-            logs / "prometheus.log",
-        ),
+        **alerting_processes(binaries, config_dir, root, ports),
     }
     sink = SmtpSink(username=monitoring.smtp_username, password=smtp_password)
     live = LiveMonitoring(
