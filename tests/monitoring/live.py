@@ -418,32 +418,39 @@ def start_live_monitoring(
     # deprecated attribute; both are expected here and drown the useful output.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     try:
-        controller = SinkController(
-            sink,
-            hostname="127.0.0.1",
-            port=ports["smtp"],
-            authenticator=sink.authenticate,
-            auth_required=True,
-            auth_require_tls=False,  # loopback only; Alertmanager runs with require_tls off
+        start_pipeline(
+            live,
+            {
+                "redis-exporter": f"http://127.0.0.1:{ports['redis-exporter']}/health",
+                "alertmanager": f"http://127.0.0.1:{ports['alertmanager']}/-/ready",
+                "prometheus": f"http://127.0.0.1:{ports['prometheus']}/-/ready",
+            },
         )
-        controller.start()
-        live.controller = controller
-        live.start_redis()
-        ready_urls = {
-            "redis-exporter": f"http://127.0.0.1:{ports['redis-exporter']}/health",
-            "alertmanager": f"http://127.0.0.1:{ports['alertmanager']}/-/ready",
-            "prometheus": f"http://127.0.0.1:{ports['prometheus']}/-/ready",
-        }
-        for name, url in ready_urls.items():
-            process = processes[name]
-            process.start()
-
-            def ready(process: Process = process, url: str = url) -> bool:
-                process.check_running()
-                return _http_ok(url)
-
-            wait_until(ready, START_TIMEOUT_S, f"{name} to be ready")
         return live
     except BaseException:
         live.close()
         raise
+
+
+def start_pipeline(live: LiveMonitoring, ready_urls: dict[str, str]) -> None:
+    """The SMTP sink, Redis, then each process in ``ready_urls`` order, waited ready."""
+    controller = SinkController(
+        live.sink,
+        hostname="127.0.0.1",
+        port=live.ports["smtp"],
+        authenticator=live.sink.authenticate,
+        auth_required=True,
+        auth_require_tls=False,  # loopback only; Alertmanager runs with require_tls off
+    )
+    controller.start()
+    live.controller = controller
+    live.start_redis()
+    for name, url in ready_urls.items():
+        process = live.processes[name]
+        process.start()
+
+        def ready(process: Process = process, url: str = url) -> bool:
+            process.check_running()
+            return _http_ok(url)
+
+        wait_until(ready, START_TIMEOUT_S, f"{name} to be ready")

@@ -41,14 +41,11 @@ from components.monitoring_config import (
     render_all,
 )
 from tests.monitoring.live import (
-    START_TIMEOUT_S,
     LiveMonitoring,
     Process,
-    SinkController,
     SmtpSink,
-    _http_ok,
     alerting_processes,
-    wait_until,
+    start_pipeline,
 )
 from tests.servers import free_port
 from tests.tooling import require_tool
@@ -320,32 +317,15 @@ def start_probe_pipeline(
     )
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     try:
-        controller = SinkController(
-            sink,
-            hostname="127.0.0.1",
-            port=ports["smtp"],
-            authenticator=sink.authenticate,
-            auth_required=True,
-            auth_require_tls=False,
+        start_pipeline(
+            live,
+            {
+                "blackbox": f"http://127.0.0.1:{ports['blackbox']}/-/healthy",
+                "node": f"http://127.0.0.1:{ports['node']}/metrics",
+                "alertmanager": f"http://127.0.0.1:{ports['alertmanager']}/-/ready",
+                "prometheus": f"http://127.0.0.1:{ports['prometheus']}/-/ready",
+            },
         )
-        controller.start()
-        live.controller = controller
-        live.start_redis()
-        ready_urls = {
-            "blackbox": f"http://127.0.0.1:{ports['blackbox']}/-/healthy",
-            "node": f"http://127.0.0.1:{ports['node']}/metrics",
-            "alertmanager": f"http://127.0.0.1:{ports['alertmanager']}/-/ready",
-            "prometheus": f"http://127.0.0.1:{ports['prometheus']}/-/ready",
-        }
-        for name, url in ready_urls.items():
-            process = processes[name]
-            process.start()
-
-            def ready(process: Process = process, url: str = url) -> bool:
-                process.check_running()
-                return _http_ok(url)
-
-            wait_until(ready, START_TIMEOUT_S, f"{name} to be ready")
         return pipeline
     except BaseException:
         pipeline.close()
