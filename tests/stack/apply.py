@@ -84,6 +84,12 @@ class ApplyError(RuntimeError):
     pass
 
 
+def progress(message: str) -> None:
+    """One timestamped line on the real stderr (not captured): where a bring-up's time goes."""
+    stamp = time.strftime("%H:%M:%S", time.gmtime())
+    print(f"[tests/stack {stamp}] {message}", file=sys.__stderr__, flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -267,6 +273,7 @@ class StackApplier:
             state = self.docker.inspect("container", name)["State"]
             health = (state.get("Health") or {}).get("Status")
             if health == "healthy":
+                progress(f"{name} healthy")
                 return
             if health == "unhealthy" or time.monotonic() > deadline:
                 raise ApplyError(
@@ -289,8 +296,10 @@ class StackApplier:
         applied.containers[inputs["name"]] = name
         applied.inputs[inputs["name"]] = dict(inputs)
         self.docker.run("start", name, timeout=60)
+        progress(f"{name} started")
         if inputs.get("attach"):
             code = self.wait_exit(name)
+            progress(f"{name} exited {code}")
             if code != 0:
                 raise ApplyError(f"{name} exited with {code}:\n{self.logs(name)}")
         elif inputs.get("mustRun", True) is False:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,13 @@ from tests.docker.engine import DockerCli, DockerObjects
 from tests.docker.translate import Renamer
 from tests.pulumi_harness import ProgramRun, run_program, stack_config
 from tests.servers import RedisTLSFiles, make_tls_files
-from tests.stack.apply import Applied, StackApplier, release_host_binds, run_parallel
+from tests.stack.apply import (
+    Applied,
+    StackApplier,
+    progress,
+    release_host_binds,
+    run_parallel,
+)
 from tests.stack.images import LocalImages
 
 STACKS = ("staging", "prod")
@@ -118,8 +125,11 @@ def stacks(
         # The api is the demo app deployed by its digest, as `up.sh STACK --demo` does.
         demo = image_id(docker_cli, local_images.app())
         states: dict[str, dict[str, dict[str, Any]]] = {stack: {} for stack in STACKS}
+        started = time.monotonic()
         runs = {s: stack_run(s, states[s], localImageId=demo) for s in STACKS}
+        progress(f"both programs run under mocks in {time.monotonic() - started:.1f} s")
         applied = run_parallel([functools.partial(applier.apply, runs[s]) for s in STACKS])
+        progress(f"both stacks up in {time.monotonic() - started:.1f} s")
         yield Stacks(applier, runs, dict(zip(STACKS, applied, strict=True)), states)
     finally:
         errors = objects.remove_all()
