@@ -33,6 +33,7 @@ records that in ``Applied.deviations`` (printed), never silently.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shlex
@@ -84,10 +85,12 @@ class ApplyError(RuntimeError):
     pass
 
 
+LOG = logging.getLogger("tests.stack")
+
+
 def progress(message: str) -> None:
-    """One timestamped line on the real stderr (not captured): where a bring-up's time goes."""
-    stamp = time.strftime("%H:%M:%S", time.gmtime())
-    print(f"[tests/stack {stamp}] {message}", file=sys.__stderr__, flush=True)
+    """Where a bring-up's time goes; shown live with ``-o log_cli=true --log-cli-level=INFO``."""
+    LOG.info("%s %s", time.strftime("%H:%M:%S", time.gmtime()), message)
 
 
 def free_port() -> int:
