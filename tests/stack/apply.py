@@ -1,8 +1,9 @@
 """Apply a stack's recorded declarations to the real engine the way pulumi-docker does.
 
 Driven by what the program declares (``tests/pulumi_harness.run_program``), nothing
-hand-copied: every ``docker:index/network|volume|image|container`` in registration order,
-networks and volumes first, images built (tests/stack/images), then each container:
+hand-copied: every ``docker:index/network|volume|image|container``, networks and volumes
+first (registration order), images built (tests/stack/images), then each container, in
+its own thread, as the Pulumi engine runs independent resources in parallel:
 
 - created with every declared input (tests/docker/translate.py: user, caps, security
   options, read-only root, tmpfs, memory, CPU shares, restart policy, ports, mounts, env,
@@ -32,7 +33,6 @@ records that in ``Applied.deviations`` (printed), never silently.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -202,6 +202,77 @@ def label_flags(inputs: Mapping[str, Any]) -> list[str]:
     ]
 
 
+class HealthBoard:
+    """State and health of every container being waited for, read with ONE ``docker
+    inspect`` per poll for all of them: a CLI call per container per second would take
+    most of a core on 2 while a stack comes up."""
+
+    FORMAT = "{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"
+
+    def __init__(self, docker: DockerCli) -> None:
+        self.docker = docker
+        self._lock = threading.Lock()
+        self._waiting: set[str] = set()
+        self._states: dict[str, tuple[str, str]] = {}
+        self._polled_at = 0.0
+
+    def state(self, name: str) -> tuple[str, str]:
+        """(status, health) of ``name``, at most POLL_S old."""
+        with self._lock:
+            self._waiting.add(name)
+            if name not in self._states or time.monotonic() - self._polled_at >= POLL_S:
+                self._poll()
+            return self._states.get(name, ("missing", ""))
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._waiting.discard(name)
+            self._states.pop(name, None)
+
+    def _poll(self) -> None:
+        done = self.docker.call(
+            "inspect", "--type", "container", "--format", self.FORMAT, *sorted(self._waiting),
+            timeout=30,
+        )  # fmt: skip
+        self._states = {}
+        for line in done.stdout.decode(errors="replace").splitlines():
+            name, status, *health = line.split()
+            self._states[name.lstrip("/")] = (status, health[0] if health else "")
+        self._polled_at = time.monotonic()
+
+
+def run_as_dag(
+    records: Sequence[Recorded],
+    dependencies: Callable[[Recorded], Sequence[str]],
+    step: Callable[[Recorded], None],
+) -> None:
+    """``step`` for every record, each in its own thread as soon as the records it
+    depends on (by name, among ``records``) are done -- the Pulumi engine's order, which
+    runs independent resources in parallel. After a failure nothing new starts (steps
+    already running finish); the first error is raised."""
+    done = {record.name: threading.Event() for record in records}
+    errors: list[BaseException] = []
+
+    def worker(record: Recorded) -> None:
+        try:
+            for dependency in dependencies(record):
+                done[dependency].wait()
+            if not errors:
+                step(record)
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+        finally:
+            done[record.name].set()
+
+    threads = [threading.Thread(target=worker, args=(record,)) for record in records]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 @dataclass
 class Applied:
     """What one stack's apply made: declared name -> engine name, and host ports."""
@@ -220,11 +291,22 @@ class StackApplier:
     rename: Renamer
     images: LocalImages
     app_image: str
-    # Serializes network/volume creation when stacks are applied in parallel.
+    # Serializes network/volume creation and host-port choice (containers are applied
+    # in parallel, as the Pulumi engine applies independent resources).
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Local images are built once, by one thread (LocalImages keeps no lock of its own).
+    image_lock: threading.Lock = field(default_factory=threading.Lock)
+    health: HealthBoard = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.health = HealthBoard(self.docker)
 
     # --- images --------------------------------------------------------------------
     def local_image(self, run: ProgramRun, ref: str) -> str:
+        with self.image_lock:
+            return self._local_image(run, ref)
+
+    def _local_image(self, run: ProgramRun, ref: str) -> str:
         if IMAGE_ID.fullmatch(ref):
             # Already an image of this engine (localImageId, `up.sh --demo`): as declared.
             if not self.docker.exists("image", ref):
@@ -240,9 +322,10 @@ class StackApplier:
 
     # --- containers ----------------------------------------------------------------
     def plan(self, run: ProgramRun, inputs: Mapping[str, Any], applied: Applied) -> ContainerPlan:
-        for port in inputs.get("ports") or []:
-            external = int(port["external"])
-            applied.host_ports.setdefault(external, free_port())
+        with self.lock:
+            for port in inputs.get("ports") or []:
+                external = int(port["external"])
+                applied.host_ports.setdefault(external, free_port())
         return plan_container(
             inputs, self.rename, self.local_image(run, inputs["image"]), None, applied.host_ports
         )
@@ -273,17 +356,17 @@ class StackApplier:
 
     def wait_healthy(self, name: str, deadline: float) -> None:
         while True:
-            state = self.docker.inspect("container", name)["State"]
-            health = (state.get("Health") or {}).get("Status")
+            status, health = self.health.state(name)
             if health == "healthy":
+                self.health.forget(name)
                 progress(f"{name} healthy")
                 return
             if health == "unhealthy" or time.monotonic() > deadline:
+                self.health.forget(name)
                 raise ApplyError(
-                    f"{name} is {health or state['Status']} (waited for healthy):\n"
-                    f"{self.logs(name)}"
+                    f"{name} is {health or status} (waited for healthy):\n{self.logs(name)}"
                 )
-            time.sleep(POLL_S)
+            time.sleep(POLL_S / 2)
 
     def apply_container(self, run: ProgramRun, record: Recorded, applied: Applied) -> str:
         inputs = record.inputs
@@ -369,32 +452,26 @@ class StackApplier:
             else:
                 raise ApplyError(f"resource type {record.typ} ({record.name}) is not applied")
 
-        done: dict[str, Callable[[], None]] = {}  # logical name -> wait until done
-        pending: list[tuple[str, float]] = []
-        for record in run.resources:
-            if record.typ != CONTAINER or (only is not None and not only(record)):
-                continue
-            for dep in self.dependencies(run, record):
-                if dep.typ == CONTAINER and dep.name in done:
-                    done[dep.name]()
-                elif dep.typ == CONTAINER and (only is None or only(dep)):
-                    raise ApplyError(f"{record.name} depends on {dep.name}, not yet applied")
+        selected = [r for r in run.resources if r.typ == CONTAINER and (only is None or only(r))]
+        names = {r.name for r in selected}
+
+        def create(record: Recorded) -> None:
             name = self.apply_container(run, record, applied)
             if record.inputs.get("wait"):
                 timeout = float(record.inputs.get("waitTimeout") or 60)
-                deadline = time.monotonic() + timeout
-                pending.append((name, deadline))
-                done[record.name] = functools.partial(self.wait_healthy, name, deadline)
-            else:
-                done[record.name] = lambda: None
-        for name, deadline in pending:
-            self.wait_healthy(name, deadline)
+                self.wait_healthy(name, time.monotonic() + timeout)
+
+        run_as_dag(
+            selected,
+            lambda r: [d.name for d in self.dependencies(run, r) if d.name in names],
+            create,
+        )
         return applied
 
     def update(self, old: ProgramRun, new: ProgramRun, applied: Applied) -> list[str]:
         """A later `pulumi up`: every container whose declaration changed is replaced,
         the old one deleted first (the program declares delete-before-replace: names
-        are fixed), in registration order, each after its dependencies are done;
+        are fixed), each after its replaced dependencies are done (run_as_dag);
         everything else is left running. The replaced containers' declared names."""
         for typ in (NETWORK, VOLUME, IMAGE):
             before = {r.name: r.inputs for r in old.of_type(typ)}
@@ -402,25 +479,23 @@ class StackApplier:
             if before != after:
                 raise ApplyError(f"{typ} declarations changed; update applies containers only")
         changed = changed_containers(old, new)
-        done: dict[str, Callable[[], None]] = {}
-        pending: list[tuple[str, float]] = []
-        for record in new.resources:
-            if record.typ != CONTAINER or record.name not in changed:
-                continue
-            for dep in self.dependencies(new, record):
-                if dep.name in done:
-                    done[dep.name]()
+        records = [r for r in new.resources if r.typ == CONTAINER and r.name in changed]
+
+        def replace(record: Recorded) -> None:
             name = applied.containers[record.inputs["name"]]
             self.docker.run("rm", "-f", "-v", name, timeout=60)
             self.objects.containers.remove(name)
-            self.apply_container(new, record, applied)
+            name = self.apply_container(new, record, applied)
             if record.inputs.get("wait"):
-                deadline = time.monotonic() + float(record.inputs.get("waitTimeout") or 60)
-                pending.append((name, deadline))
-                done[record.name] = functools.partial(self.wait_healthy, name, deadline)
-        for name, deadline in pending:
-            self.wait_healthy(name, deadline)
-        return [r.inputs["name"] for r in new.resources if r.name in changed]
+                timeout = float(record.inputs.get("waitTimeout") or 60)
+                self.wait_healthy(name, time.monotonic() + timeout)
+
+        run_as_dag(
+            records,
+            lambda r: [d.name for d in self.dependencies(new, r) if d.name in changed],
+            replace,
+        )
+        return [r.inputs["name"] for r in records]
 
 
 def changed_containers(old: ProgramRun, new: ProgramRun) -> set[str]:
