@@ -26,6 +26,17 @@ import pulumi_docker as docker
 CONFIG_DIR = "/etc/rag"
 _INCOMING_DIR = "/incoming"
 ON_FAILURE_RETRIES = 5
+# Every healthcheck is cheap (pg_isready, redis-cli PING, a wget or a Python one-liner
+# on localhost), so it runs often: Docker 20.10 (Debian bookworm's docker.io) has no
+# start_interval, so a service turns healthy one interval after start at the earliest,
+# and `pulumi up` waits for that along each dependency chain (postgres -> api -> caddy).
+# A service that stops answering is unhealthy after HEALTH_RETRIES x HEALTH_INTERVAL.
+HEALTH_INTERVAL = "5s"
+HEALTH_TIMEOUT = "10s"
+HEALTH_RETRIES = 3
+# Failures in the start period do not count (a success ends it at once), so a slow
+# first start (initdb, a cold cache) gets this long before it can turn unhealthy.
+HEALTH_START_PERIOD = "60s"
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,7 @@ class ServiceSpec:
     env: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     files: Sequence[ConfigFile] = ()
     read_only: bool = True
-    health_interval: str = "30s"
-    health_start_period: str = "30s"
+    health_start_period: str = HEALTH_START_PERIOD
     # Set on one-shot jobs: run to completion during `pulumi up`, never restarted.
     one_shot: bool = False
 
@@ -261,9 +271,9 @@ def hardened_container(
         wait_timeout=None if spec.one_shot else 180,
         healthcheck=docker.ContainerHealthcheckArgs(
             tests=list(spec.healthcheck),
-            interval=spec.health_interval,
-            timeout="10s",
-            retries=3,
+            interval=HEALTH_INTERVAL,
+            timeout=HEALTH_TIMEOUT,
+            retries=HEALTH_RETRIES,
             start_period=spec.health_start_period,
         ),
         networks_advanced=[
