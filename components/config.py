@@ -22,7 +22,12 @@ from typing import Any
 
 import pulumi
 
-from components.monitoring_config import SloObjectives, slo_problems
+from components.monitoring_config import (
+    PageTimings,
+    SloObjectives,
+    page_timing_problems,
+    slo_problems,
+)
 
 PROJECT = "personal-rag"
 
@@ -239,6 +244,7 @@ class StackConfig:
     mds_host_path: str | None = None
     slo: SloObjectives = field(default_factory=SloObjectives)
     host_firewall: HostFirewallSettings = field(default_factory=HostFirewallSettings)
+    page_timings: PageTimings = field(default_factory=PageTimings)
 
     @property
     def is_prod(self) -> bool:
@@ -302,6 +308,8 @@ _KEYS: dict[str, tuple[Any, bool]] = {
     "sloAvailability": ("99.5", False),
     "sloLatency": ("99", False),
     "sloLatencyThreshold": ("1", False),
+    "alertGroupWait": (PageTimings.group_wait, False),
+    "alertGroupInterval": (PageTimings.group_interval, False),
     "hostFirewall": ("managed", False),
     "hostSshKeyFile": ("~/.ssh/id_ed25519", False),
     "hostSshKnownHostsFile": ("~/.ssh/known_hosts", False),
@@ -796,6 +804,17 @@ def _parse_slo(c: _Collector) -> SloObjectives:
     return slo
 
 
+_PAGE_TIMING_KEYS = {"group_wait": "alertGroupWait", "group_interval": "alertGroupInterval"}
+
+
+def _parse_page_timings(c: _Collector) -> PageTimings:
+    """Alertmanager's timings for mailed alerts; the checks are the monitoring's own."""
+    timings = PageTimings(**{name: c.get(key) or "" for name, key in _PAGE_TIMING_KEYS.items()})
+    for name, expected in page_timing_problems(timings).items():
+        c.fail(_PAGE_TIMING_KEYS[name], c.get(_PAGE_TIMING_KEYS[name]), expected)
+    return timings
+
+
 def _parse_api_user(c: _Collector) -> str:
     """uid or uid:gid, never root: the api and the backup job run as it, and the
     volume-init step chowns to it."""
@@ -904,6 +923,7 @@ def parse_stack_config(
         mds_host_path=_host_path(c, "mdsHostPath", must_exist=local_engine),
         slo=_parse_slo(c),
         host_firewall=_parse_host_firewall(c, docker_host),
+        page_timings=_parse_page_timings(c),
     )
     if c.problems:
         raise ConfigError(c.problems)

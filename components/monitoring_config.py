@@ -527,6 +527,37 @@ def slo_problems(slo: SloObjectives) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class PageTimings:
+    """Alertmanager's timings for mailed alerts (stack config: alertGroupWait,
+    alertGroupInterval): the wait before a new group's first mail, and before a changed
+    group (a new alert in it, or a resolved one) is mailed again."""
+
+    group_wait: str = "30s"
+    group_interval: str = "5m"
+
+
+# Pages repeat hourly (page_repeat_interval): a longer wait or group interval would
+# delay a page past its own repeat.
+PAGE_TIMING_MAX = "1h"
+
+
+def page_timing_problems(timings: PageTimings) -> dict[str, str]:
+    """field -> what is expected, for each bad timing (shared with the stack config)."""
+    problems: dict[str, str] = {}
+    longest = parse_duration(PAGE_TIMING_MAX)
+    for name, shortest in (("group_wait", "0s"), ("group_interval", "1s")):
+        expected = f"a duration from {shortest} to {PAGE_TIMING_MAX}, e.g. 30s, 5m"
+        try:
+            seconds = parse_duration(getattr(timings, name))
+        except ValueError:
+            problems[name] = expected
+            continue
+        if not parse_duration(shortest) <= seconds <= longest:
+            problems[name] = expected
+    return problems
+
+
+@dataclass(frozen=True)
 class MonitoringSettings:
     stack: str
     alert_email: str
@@ -540,8 +571,8 @@ class MonitoringSettings:
     scrape_interval: str = "15s"
     scrape_timeout: str = "10s"
     evaluation_interval: str = "15s"
-    group_wait: str = "30s"
-    group_interval: str = "5m"
+    group_wait: str = PageTimings.group_wait
+    group_interval: str = PageTimings.group_interval
     repeat_interval: str = "4h"
     page_repeat_interval: str = "1h"
     metrics: AppMetricNames = field(default_factory=AppMetricNames)

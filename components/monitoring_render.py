@@ -89,6 +89,8 @@ def settings_from_config(cfg: StackConfig) -> MonitoringSettings:
         probe_targets=default_probe_targets(cfg.stack, REDIS_PORT),
         volume_paths=volume_host_paths(cfg),
         slo=cfg.slo,
+        group_wait=cfg.page_timings.group_wait,
+        group_interval=cfg.page_timings.group_interval,
     )
 
 
