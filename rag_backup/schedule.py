@@ -291,6 +291,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# Past the minute's start when the loop wakes: a clock read a hair early is still in the slot.
+SLOT_MARGIN_SECONDS = 0.5
+
+
+def seconds_to_next_minute(now: float) -> float:
+    """How long the loop sleeps: to just after the next whole minute, so a job starts
+    within a second of its HH:MM (a flat 60 s sleep would start it up to a minute late)."""
+    return 60 - now % 60 + SLOT_MARGIN_SECONDS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rag-backup-schedule",
@@ -349,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threading.Thread(target=_wal_forever, daemon=True).start()
     while True:
         run_pending(schedule, args.metrics_dir, _now())
-        time.sleep(60)  # slots are whole minutes
+        time.sleep(seconds_to_next_minute(time.time()))  # slots are whole minutes
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from rag_backup.schedule import (
     due_jobs,
     main,
     run_pending,
+    seconds_to_next_minute,
     write_heartbeat,
 )
 
@@ -47,6 +48,21 @@ def test_missed_backup_is_caught_up_when_the_host_comes_back() -> None:
     # Down from Monday 02:00 to Wednesday 10:00: one catch-up run, not one per missed day.
     last = at("2026-11-23T01:00").timestamp()
     assert due_jobs(SCHEDULE, at("2026-11-25T10:00"), last, None) == ["backup", "drill"]
+
+
+@pytest.mark.parametrize(
+    ("now", "wakes"),
+    [
+        ("2026-11-25T02:58:59.2", "2026-11-25T02:59:00.5"),
+        ("2026-11-25T02:59:00", "2026-11-25T03:00:00.5"),
+        ("2026-11-25T02:59:30.7", "2026-11-25T03:00:00.5"),
+    ],
+)
+def test_the_loop_wakes_just_after_each_whole_minute(now: str, wakes: str) -> None:
+    """A backup at 03:00 starts within a second of it whatever the loop's phase, not up
+    to a minute late (the loop wakes, then due_jobs decides)."""
+    start = at(now).timestamp()
+    assert start + seconds_to_next_minute(start) == pytest.approx(at(wakes).timestamp())
 
 
 def test_drill_is_weekly_on_its_day() -> None:
