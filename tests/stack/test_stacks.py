@@ -7,6 +7,7 @@ in order against them; each scenario leaves both stacks healthy for the next.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -19,7 +20,10 @@ from typing import Any
 
 import pytest
 
-from tests.pulumi_harness import TEST_SECRETS, run_program, stack_config
+from components.config import parse_stack_config
+from components.monitoring_config import parse_duration
+from components.monitoring_render import settings_from_config
+from tests.pulumi_harness import SECRET_KEYS, TEST_SECRETS, run_program, stack_config
 from tests.servers import RedisTLSFiles
 from tests.stack.conftest import Stacks, image_id, smtp_host
 from tests.stack.probes import caddy_request
@@ -27,6 +31,11 @@ from tests.tooling import require_tool
 
 pytestmark = pytest.mark.stack
 SCHEDULED_BACKUP_TIMEOUT_S = 180
+# The schedule is set to the next whole minute at least this far ahead: time for the
+# backup job's replacement to be up before it.
+SCHEDULE_LEAD_S = 30
+# From the slot to the backup's time in Prometheus: backup + verify + prune, a scrape.
+SCHEDULED_RUN_TIMEOUT_S = 120
 
 
 def test_both_stacks_answer_through_caddy_with_redis_tls_postgres_and_pgcrypto(
@@ -62,29 +71,53 @@ def prometheus_query(port: int, query: str) -> list[dict[str, Any]]:
     return result
 
 
+def backup_metric(port: int) -> float | None:
+    """The newest rag_backup_last_success_timestamp_seconds Prometheus has (any
+    component), after checking it comes from node_exporter's textfile collector."""
+    found = prometheus_query(port, "rag_backup_last_success_timestamp_seconds")
+    if not found:
+        return None
+    assert {sample["metric"]["job"] for sample in found} == {"node-exporter"}, found
+    return max(float(sample["value"][1]) for sample in found)
+
+
 def test_the_scheduler_backup_is_verified_and_its_metric_reaches_prometheus(
     stacks: Stacks,
 ) -> None:
-    """The scheduler, started with no backup yet, catches up on the missed run at once
-    (a backup due since the last scheduled time); Prometheus sees its metric through
-    node_exporter's textfile collector, over the declared networks."""
+    """The scheduler, started with no backup yet, catches up on the missed run at once.
+    Then `backupTime` is set to a minute ahead and re-applied as `pulumi up` does (only
+    the job is replaced): the backup is taken in that minute, `verify` accepts it, and
+    Prometheus has its time through node_exporter's textfile collector, over the
+    declared networks."""
     port = published_port(stacks, "staging", "prometheus", 9090)
     deadline = time.monotonic() + SCHEDULED_BACKUP_TIMEOUT_S
-    while not (found := prometheus_query(port, "rag_backup_last_success_timestamp_seconds")):
+    while (catch_up := backup_metric(port)) is None:
         assert time.monotonic() < deadline, "no rag_backup_last_success_timestamp_seconds"
-        time.sleep(5)
-    assert {sample["metric"]["job"] for sample in found} == {"node-exporter"}
+        time.sleep(2)
+
+    now = dt.datetime.now(dt.UTC)
+    slot = (now + dt.timedelta(seconds=SCHEDULE_LEAD_S + 60)).replace(second=0, microsecond=0)
+    replaced = redeploy(stacks, "staging", backupTime=slot.strftime("%H:%M"))
+    assert set(replaced) == {"rag-staging-backup", "rag-staging-postgres-migrate"}
     backup = stacks.name("staging", "backup")
-    listing = stacks.applier.docker.run(
+    started = stacks.applier.docker.inspect("container", backup)["State"]["StartedAt"]
+    # Up before its slot: the run below is the scheduled one, not a start-up catch-up.
+    assert dt.datetime.fromisoformat(started[:19]).replace(tzinfo=dt.UTC) < slot, started
+
+    deadline = time.monotonic() + (slot - now).total_seconds() + SCHEDULED_RUN_TIMEOUT_S
+    while (newest := backup_metric(port) or 0.0) < slot.timestamp():
+        assert time.monotonic() < deadline, f"no backup at {slot:%H:%M} (newest {newest})"
+        time.sleep(2)
+    backup_id = stacks.applier.docker.run(
         "exec", backup, "python3", "-m", "rag_backup", "resolve", "latest", timeout=60
-    )
+    ).strip()
+    taken = dt.datetime.strptime(backup_id, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    assert slot <= taken < slot + dt.timedelta(minutes=1), (backup_id, slot)
+    assert catch_up < taken.timestamp() <= newest, (catch_up, backup_id, newest)
     done = stacks.applier.docker.call(
-        "exec", backup, "python3", "-m", "rag_backup", "verify", listing.strip(), timeout=300
+        "exec", backup, "python3", "-m", "rag_backup", "verify", backup_id, timeout=300
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
-    # Made by the scheduler (the only writer so far) before any test took a backup.
-    newest = max(float(sample["value"][1]) for sample in found)
-    assert newest > time.time() - SCHEDULED_BACKUP_TIMEOUT_S - 600
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -315,11 +348,21 @@ def test_renewed_redis_certificates_restart_redis_and_its_clients_which_reconnec
 
 
 SMTP_SINK_SCRIPT = Path(__file__).resolve().parent / "smtp_sink.py"
-# From the program's declared timings (components/monitoring_config.py), with margin:
-# RedisDown `for: 1m` + scrape and evaluation (15s each) + group_wait 30s; the resolved
-# mail waits for the group's next group_interval (5m) after the firing one.
-REDIS_DOWN_MAIL_TIMEOUT_S = 5 * 60
-RESOLVED_MAIL_TIMEOUT_S = 8 * 60
+# Margin over what the alert's own timings add up to (alert_mail_budget_s).
+MAIL_MARGIN_S = 90
+
+
+def alert_mail_budget_s(stacks: Stacks, stack: str, alert: str) -> tuple[float, float]:
+    """(firing, resolved) seconds the stack's own timings allow: the alert's `for`, a
+    scrape and an evaluation, then Alertmanager's group_wait; the resolved mail comes at
+    the group's next group_interval tick after the firing one (plus a scrape and an
+    evaluation to see the service back)."""
+    cfg = parse_stack_config(stack, stacks.runs[stack].config, SECRET_KEYS)
+    settings = settings_from_config(cfg)
+    seen = parse_duration(settings.scrape_interval) + parse_duration(settings.evaluation_interval)
+    firing = parse_duration(settings.alert_for(alert)) + seen + parse_duration(settings.group_wait)
+    resolved = parse_duration(settings.group_interval) + seen
+    return firing + MAIL_MARGIN_S, resolved + MAIL_MARGIN_S
 
 
 @dataclass
@@ -395,18 +438,19 @@ def test_a_redis_outage_mails_redis_down_through_alertmanager_and_the_resolved_m
     trusts a public one) mails RedisDown over STARTTLS with the declared login to an SMTP
     sink container named like the stack's ``smtpHost``; Redis back: the resolved mail.
 
-    Takes about 7-8 minutes on the program's own timings (not shortened for the test):
-    ~2 min to the firing mail, then Alertmanager's group_interval (5m) to the resolved one.
-    Runs last in this module and leaves Redis healthy.
+    On the stack's own timings (RedisDown `for: 1m`; staging's alertGroupWait 10s and
+    alertGroupInterval 1m, STACK_OVERRIDES): ~1.5 min to the firing mail, ~1 min more to
+    the resolved one. Runs last in this module and leaves Redis healthy.
     """
     run = stacks.runs["staging"]
+    firing_budget, resolved_budget = alert_mail_budget_s(stacks, "staging", "RedisDown")
     sink = start_smtp_sink(stacks, "staging", smtp_sink_tls, TEST_SECRETS["smtpPassword"], tmp_path)
     redis = stacks.name("staging", "redis")
     stopped_at = time.time()
     stacks.applier.docker.run("stop", redis, timeout=120)
     try:
         firing = wait_for_mail(
-            sink, ("[staging]", "FIRING", "RedisDown"), stopped_at, REDIS_DOWN_MAIL_TIMEOUT_S
+            sink, ("[staging]", "FIRING", "RedisDown"), stopped_at, firing_budget
         )
     finally:
         restarted_at = time.time()
@@ -421,7 +465,7 @@ def test_a_redis_outage_mails_redis_down_through_alertmanager_and_the_resolved_m
     assert "RedisDown" in firing["body"], firing["body"][:2000]
 
     resolved = wait_for_mail(
-        sink, ("[staging]", "RESOLVED", "RedisDown"), restarted_at, RESOLVED_MAIL_TIMEOUT_S
+        sink, ("[staging]", "RESOLVED", "RedisDown"), restarted_at, resolved_budget
     )
     assert {k: resolved[k] for k in expected_envelope} == expected_envelope, resolved
     assert not sink.failed_logins()
