@@ -40,7 +40,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +59,7 @@ from tests.docker.translate import (
 )
 from tests.pulumi_harness import ProgramRun, Recorded
 from tests.stack.images import LocalImages
+from tests.tooling import require_tool
 
 NETWORK = "docker:index/network:Network"
 VOLUME = "docker:index/volume:Volume"
@@ -67,12 +67,12 @@ IMAGE = "docker:index/image:Image"
 CONTAINER = "docker:index/container:Container"
 # Resources that make no engine object (keys, certificates, passwords, components).
 NO_ENGINE_OBJECT = ("tls:", "random:", "personal-rag:")
-# Resources with an effect outside the engine, not applied here, each with the reason
-# (recorded in Applied.deviations and printed, never skipped silently).
-NOT_APPLIED_HERE = {
-    "command:local:Command": "a command on the host itself (the host firewall changes the "
-    "machine's iptables; tests/docker proves its rules), not an engine object",
-}
+# pulumi-command's command on the Docker host itself: ``/bin/sh -c <create>`` with
+# ``stdin``, ``delete`` likewise at destroy. Run for real, but in a throwaway network
+# namespace: the host firewall's rules change iptables, and this host's own must stay
+# untouched (tests/docker proves the rules against a real bridge).
+LOCAL_COMMAND = "command:local:Command"
+LOCAL_COMMAND_INPUTS = {"create", "delete", "stdin", "triggers"}
 # Inputs applied here on top of the translator's.
 HARNESS_INPUTS = {"labels", "healthcheck", "mustRun", "attach", "wait", "waitTimeout"}
 VOLUME_INPUTS = {"name", "labels"}
@@ -143,6 +143,12 @@ def release_host_binds() -> None:
         _host_binds.clear()
 
 
+def deviation(deviations: list[str], text: str) -> None:
+    """A test-only difference from what pulumi-docker would do: recorded and logged."""
+    deviations.append(text)
+    LOG.warning("deviation: %s", text)
+
+
 def host_bindable(inputs: Mapping[str, Any], deviations: list[str]) -> dict[str, Any]:
     """``inputs`` with rslave/rshared binds of private host mounts made through a shared
     bind of the same source."""
@@ -155,11 +161,11 @@ def host_bindable(inputs: Mapping[str, Any], deviations: list[str]) -> dict[str,
             and mount_propagation(mount["source"]) == "private"
         ):
             stand_in = _shared_bind_of(mount["source"])
-            deviations.append(
+            deviation(
+                deviations,
                 f"{inputs['name']}: bind {mount['source']} ({propagation}) made through "
-                f"{stand_in}, a shared bind of it (the host's mount is private)"
+                f"{stand_in}, a shared bind of it (the host's mount is private)",
             )
-            print(f"[tests/stack] deviation: {deviations[-1]}", file=sys.__stderr__)
             mount = {**mount, "source": stand_in}
         mounts.append(mount)
     return {**inputs, "mounts": mounts} if mounts else dict(inputs)
@@ -297,9 +303,73 @@ class StackApplier:
     # Local images are built once, by one thread (LocalImages keeps no lock of its own).
     image_lock: threading.Lock = field(default_factory=threading.Lock)
     health: HealthBoard = field(init=False)
+    # The network namespace the host's commands run in, and their delete steps.
+    host_namespace: str | None = None
+    host_deletes: list[tuple[str, str, str | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.health = HealthBoard(self.docker)
+
+    # --- commands on the Docker host -------------------------------------------------
+    def _in_host_namespace(
+        self, command: str, stdin: str | None
+    ) -> subprocess.CompletedProcess[str]:
+        assert self.host_namespace is not None
+        return subprocess.run(
+            [require_tool("ip"), "netns", "exec", self.host_namespace, "/bin/sh", "-c", command],
+            input=stdin or "",
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def host_command(self, record: Recorded, applied: Applied) -> None:
+        """pulumi-command's local Command, as it runs it (a non-zero exit fails the
+        apply), inside this applier's throwaway network namespace."""
+        inputs = record.inputs
+        unknown = sorted(
+            k for k, v in inputs.items() if v is not None and k not in LOCAL_COMMAND_INPUTS
+        )
+        if unknown:
+            raise ApplyError(f"command {record.name}: inputs {unknown} are not applied")
+        with self.lock:
+            if self.host_namespace is None:
+                namespace = f"{self.rename.prefix}host"
+                subprocess.run(
+                    [require_tool("ip"), "netns", "add", namespace],
+                    check=True, capture_output=True, timeout=30,
+                )  # fmt: skip
+                self.host_namespace = namespace
+        done = self._in_host_namespace(inputs["create"], inputs.get("stdin"))
+        if done.returncode != 0:
+            raise ApplyError(
+                f"command {record.name}: create exited {done.returncode}:\n{done.stderr[-2000:]}"
+            )
+        if inputs.get("delete"):
+            self.host_deletes.append((record.name, inputs["delete"], inputs.get("stdin")))
+        deviation(
+            applied.deviations,
+            f"{record.name} (command on the host) run in network namespace "
+            f"{self.host_namespace}, not the host's: this host's iptables stay untouched",
+        )
+
+    def release_host_commands(self) -> list[str]:
+        """Each host command's delete (as `pulumi destroy` runs it), newest first, then the
+        namespace removed; what failed."""
+        errors = []
+        for name, delete, stdin in reversed(self.host_deletes):
+            done = self._in_host_namespace(delete, stdin)
+            if done.returncode != 0:
+                errors.append(f"command {name}: delete exited {done.returncode}: {done.stderr}")
+        self.host_deletes.clear()
+        if self.host_namespace is not None:
+            subprocess.run(
+                [require_tool("ip"), "netns", "del", self.host_namespace],
+                check=False, capture_output=True, timeout=30,
+            )  # fmt: skip
+            self.host_namespace = None
+        return errors
 
     # --- images --------------------------------------------------------------------
     def local_image(self, run: ProgramRun, ref: str) -> str:
@@ -416,13 +486,9 @@ class StackApplier:
         for record in run.resources:
             if record.typ.startswith(NO_ENGINE_OBJECT) or record.typ in (CONTAINER, IMAGE):
                 continue
-            if record.typ in NOT_APPLIED_HERE:
-                applied.deviations.append(
-                    f"{record.name} not applied: {NOT_APPLIED_HERE[record.typ]}"
-                )
-                print(f"[tests/stack] deviation: {applied.deviations[-1]}", file=sys.__stderr__)
-                continue
-            if record.typ == NETWORK:
+            if record.typ == LOCAL_COMMAND:
+                self.host_command(record, applied)
+            elif record.typ == NETWORK:
                 plan = plan_network(record.inputs, self.rename)
                 with self.lock:
                     if plan.name not in self.objects.networks:

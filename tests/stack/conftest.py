@@ -94,7 +94,7 @@ def fresh_applier(
     try:
         yield applier
     finally:
-        errors = objects.remove_all()
+        errors = [*objects.remove_all(), *applier.release_host_commands()]
         release_host_binds()
         assert not errors, f"cleanup failed: {errors}"
 
@@ -133,6 +133,6 @@ def stacks(
         progress(f"both stacks up in {time.monotonic() - started:.1f} s")
         yield Stacks(applier, runs, dict(zip(STACKS, applied, strict=True)), states)
     finally:
-        errors = objects.remove_all()
+        errors = [*objects.remove_all(), *applier.release_host_commands()]
         release_host_binds()
         assert not errors, f"cleanup failed: {errors}"
