@@ -28,7 +28,10 @@ propagation of a source whose host mount is private (a sandbox without systemd; 
 makes ``/`` shared at boot) cannot even be created there. The harness then binds the
 same filesystem through a shared bind of the source it makes itself
 (``/run/ragtest-binds/...``, removed by ``release_host_binds``), keeping ``rslave``, and
-records that in ``Applied.deviations`` (printed), never silently.
+records that in ``Applied.deviations`` (logged), never silently. The program's command
+on the Docker host (pulumi-command's local Command: the host firewall) runs as declared,
+but inside a throwaway network namespace, so this host's own iptables stay untouched;
+also a recorded deviation.
 """
 
 from __future__ import annotations
