@@ -33,7 +33,7 @@ pytestmark = pytest.mark.stack
 SCHEDULED_BACKUP_TIMEOUT_S = 180
 # The schedule is set to the next whole minute at least this far ahead: time for the
 # backup job's replacement to be up before it.
-SCHEDULE_LEAD_S = 30
+SCHEDULE_LEAD_S = 20
 # From the slot to the backup's time in Prometheus: backup + verify + prune, a scrape.
 SCHEDULED_RUN_TIMEOUT_S = 120
 
@@ -439,8 +439,8 @@ def test_a_redis_outage_mails_redis_down_through_alertmanager_and_the_resolved_m
     sink container named like the stack's ``smtpHost``; Redis back: the resolved mail.
 
     On the stack's own timings (RedisDown `for: 1m`; staging's alertGroupWait 10s and
-    alertGroupInterval 1m, STACK_OVERRIDES): ~1.5 min to the firing mail, ~1 min more to
-    the resolved one. Runs last in this module and leaves Redis healthy.
+    alertGroupInterval 30s, STACK_OVERRIDES): ~1.5 min to the firing mail, under a
+    minute more to the resolved one. Runs last in this module and leaves Redis healthy.
     """
     run = stacks.runs["staging"]
     firing_budget, resolved_budget = alert_mail_budget_s(stacks, "staging", "RedisDown")
