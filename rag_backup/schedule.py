@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -295,6 +296,13 @@ def _now() -> dt.datetime:
 SLOT_MARGIN_SECONDS = 0.5
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """`docker stop`: as the container's PID 1 the scheduler gets no default SIGTERM
+    action, so without this it was killed only after Docker's 10 s grace. A running job
+    goes as with that kill (rag-backup's temporaries are cleared by its next run)."""
+    raise SystemExit(128 + signum)
+
+
 def seconds_to_next_minute(now: float) -> float:
     """How long the loop sleeps: to just after the next whole minute, so a job starts
     within a second of its HH:MM (a flat 60 s sleep would start it up to a minute late)."""
@@ -354,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wal_ok = run_wal_archive() if schedule.wal_archive else True
         results = run_pending(schedule, args.metrics_dir, _now())
         return 0 if wal_ok and all(results.values()) else 1
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     threading.Thread(target=_beat_forever, args=(args.metrics_dir,), daemon=True).start()
     if schedule.wal_archive:
         threading.Thread(target=_wal_forever, daemon=True).start()

@@ -24,6 +24,7 @@ from rag_backup.schedule import (
     seconds_to_next_minute,
     write_heartbeat,
 )
+from tests.tooling import require_tool
 
 UTC = dt.UTC
 REPO = Path(__file__).resolve().parents[2]
@@ -206,3 +207,37 @@ def test_the_loop_beats_while_a_long_job_runs(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_as_pid_1_the_loop_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    """`docker stop` sends SIGTERM to the container's PID 1, which has no default action
+    for it: the scheduler, as PID 1 of its own PID namespace (as in its container) and
+    during a job, must still exit at once instead of waiting for Docker's kill."""
+    unshare = require_tool("unshare")
+    fake = tmp_path / "fake"
+    (fake / "rag_backup").mkdir(parents=True)
+    (fake / "rag_backup" / "__init__.py").write_text("")
+    (fake / "rag_backup" / "__main__.py").write_text("import time; time.sleep(60)\n")
+    # Root makes the PID namespace itself; anyone else through a user namespace.
+    as_user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    proc = subprocess.Popen(
+        [
+            unshare, *as_user, "--pid", "--fork", "--mount-proc",
+            sys.executable, str(REPO / "rag_backup" / "schedule.py"),
+        ],
+        env={**os.environ, "RAG_BACKUP_METRICS_DIR": str(tmp_path), "PYTHONPATH": str(REPO)},
+        cwd=fake,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not check_heartbeat(tmp_path, time.time()):  # the loop runs (a job started)
+            assert time.monotonic() < deadline and proc.poll() is None, "scheduler not up"
+            time.sleep(0.2)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        os.kill(int(children[0]), signal.SIGTERM)  # the namespace's PID 1, from outside
+        assert proc.wait(timeout=5) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
