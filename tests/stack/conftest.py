@@ -5,7 +5,7 @@ Docker engine (tests/stack/apply.py) with local images (tests/stack/images.py).
 - ``fresh_applier``: per test, its own namespace (``ragtest-<id>-``); everything it made
   is removed afterwards, pass or fail.
 - ``stack``: both stacks brought up once per module and shared by its scenario tests
-  (bringing them up takes minutes on 2 cores); removed at the module's end.
+  (bringing them up takes ~40 s on 2 cores); removed at the module's end.
 """
 
 from __future__ import annotations
