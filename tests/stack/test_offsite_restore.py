@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import time
@@ -47,6 +48,8 @@ TARGET_START_TIMEOUT_S = 60
 # the textfile volume once both ran.
 SCHEDULER_METRICS = "/textfile/rag_backup_scheduler.prom"
 SCHEDULER_CATCH_UP_TIMEOUT_S = 600
+# A row of `rag-backup offsite list`: id, size ("1.2 MiB", or "-"), state.
+OFFSITE_LIST_ROW = re.compile(r"^(?P<id>\S+) +(?:-|\S+ \S+)  (?P<state>\S.*)$")
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,9 @@ def offsite_listing(stacks: Stacks) -> dict[str, str]:
     """`rag-backup offsite list` in the job: backup id -> state of its off-host copy."""
     done = job(stacks, "python3", "-m", "rag_backup", "offsite", "list")
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
-    rows = done.stdout.decode().splitlines()[1:]
-    return {row.split()[0]: row.split(None, 2)[2] for row in rows}
+    rows = [OFFSITE_LIST_ROW.match(row) for row in done.stdout.decode().splitlines()[1:]]
+    assert all(rows), done.stdout.decode()
+    return {row["id"]: row["state"] for row in rows if row}
 
 
 def lose_the_host(applier: StackApplier, target: SftpTarget) -> None:
