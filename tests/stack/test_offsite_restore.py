@@ -284,3 +284,10 @@ def test_offsite_restore_brings_a_lost_hosts_data_back_onto_a_new_host(
     assert marker(new, STACK, "GET", "kept-off-host") == PRESENT
     assert marker(new, STACK, "GET", "after-the-copy") == ABSENT
     assert set(all_healthy(new, STACK).values()) == {"healthy"}, all_healthy(new, STACK)
+    # The new host carries on (docs/disaster_recovery.md, step 8): WAL archiving of the
+    # restored cluster, and the next backup job with its off-host copy.
+    wal = job(new, "python3", "-m", "rag_backup", "wal-archive")
+    assert wal.returncode == 0, wal.stderr.decode(errors="replace")[-3000:]
+    next_backup = run_the_backup_job(new)
+    assert offsite_listing(new)[next_backup].startswith("verified")
+    assert offsite_listing(new)[backup_id].startswith("verified")  # the lost host's stays
