@@ -5,7 +5,9 @@
 # with restore-stack.sh (verify first, all-or-nothing). docs/disaster_recovery.md.
 #
 #   bash scripts/offsite-restore.sh STACK [--id BACKUP_ID] [restore-stack.sh options...]
-# --id: a backup id from `offsite list` (default: the newest verified off-host copy).
+# --id: a backup id from `offsite list` (default: the newest verified off-host copy this
+# host did not make itself: the new stack's scheduler may already have copied a backup of
+# its empty stores off-host).
 # Other options (--key-volume VOLUME, --logical, --components LIST, --yes) go to
 # restore-stack.sh; the pulled backup is always restored by its id, never "latest" (the
 # new stack may already hold a backup of its empty stores).
