@@ -747,8 +747,8 @@ def add_offsite_parser(
         "verify": "read a remote copy back and check it against its manifest (default: the "
         "newest local backup's, else the newest remote one)",
         "prune": "delete remote copies outside the retention policy (never the only verified one)",
-        "pull": "download a remote backup (default: the newest verified) into BACKUP_DIR, "
-        "checked, for the normal restore",
+        "pull": "download a remote backup (default: the newest verified one this host did "
+        "not make) into BACKUP_DIR, checked, for the normal restore",
         "list": "list the remote copies",
     }
     for action, text in helps.items():

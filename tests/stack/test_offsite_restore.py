@@ -240,6 +240,11 @@ def test_offsite_restore_brings_a_lost_hosts_data_back_onto_a_new_host(
     old = Stacks(applier, {STACK: run}, {STACK: bring_up(applier, run, target)}, {STACK: state})
     metrics = wait_for_scheduler_catch_up(old)
     assert 'rag_backup_scheduler_job_success{job="backup"} 1' in metrics, metrics
+    # The SSH key reached the job as a file only: in no container's env or command.
+    private_body = "".join(target.client_key.splitlines()[1:-1])
+    for name in old.applied[STACK].containers.values():
+        config = applier.docker.inspect("container", name)["Config"]
+        assert private_body[-60:] not in json.dumps([config["Env"], config["Cmd"]]), name
 
     assert marker(old, STACK, "PUT", "kept-off-host") == PRESENT
     backup_id = run_the_backup_job(old)
