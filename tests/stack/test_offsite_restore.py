@@ -263,9 +263,12 @@ def test_offsite_restore_brings_a_lost_hosts_data_back_onto_a_new_host(
     new = Stacks(
         applier, {STACK: new_run}, {STACK: bring_up(applier, new_run, target)}, {STACK: state}
     )
-    # Its scheduler has already backed up its empty stores (and copied that off-host).
+    # Its scheduler has already backed up its empty stores and copied that off-host: the
+    # newest copy there is the new host's own.
     wait_for_scheduler_catch_up(new)
     assert marker(new, STACK, "GET", "kept-off-host") == ABSENT
+    own = max(offsite_listing(new))
+    assert own > backup_id, offsite_listing(new)
 
     # A tampered remote copy: the pull fails before anything is stopped or restored.
     before = started_at(new)
@@ -285,6 +288,7 @@ def test_offsite_restore_brings_a_lost_hosts_data_back_onto_a_new_host(
     # The real copy: pulled, checked, restored; every service healthy.
     done = offsite_restore(new, STACK, "--yes")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"passing over {own}" in done.stderr, done.stderr[-3000:]
     assert f"pulled {backup_id}" in done.stderr, done.stderr[-3000:]
     assert marker(new, STACK, "GET", "kept-off-host") == PRESENT
     assert marker(new, STACK, "GET", "after-the-copy") == ABSENT
