@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,14 +292,18 @@ def stage_segments(
     target: Path,
     progress: Progress,
     jobs: int = 2,
+    only: Collection[str] | None = None,
 ) -> int:
-    """Decrypt every archived segment from ``start`` (same timeline) into ``target``,
-    checking each one's size and SHA-256 against the index. Returns how many.
+    """Decrypt every archived segment from ``start`` (same timeline; of those, ``only`` the
+    named ones when given) into ``target``, checking each one's size and SHA-256 against the
+    index. Returns how many.
 
     ``jobs`` segments at a time: each decryption is its own process whose fixed cost (gpg's
     passphrase key derivation, ~0.4 s) dwarfs a 16 MiB segment's, so they run side by side."""
     index = read_index(store)
     names = [n for n in sorted(index["segments"]) if n[:8] == start[:8] and n >= start]
+    if only is not None:
+        names = [n for n in names if n in only]
 
     def stage(name: str) -> None:
         record = index["segments"][name]
