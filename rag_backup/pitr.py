@@ -8,7 +8,9 @@ up to the one holding the first archive cycle at or after T is archived, one aft
 other on its timeline, and each was archived *after* the backup started. The last rule
 catches segments of another history under the same names: after a physical restore the
 server writes LSNs (and segment names) the archive already holds from before it; those
-older copies were archived before any backup of the restored cluster began.
+older copies were archived before any backup of the restored cluster began. Conversely a
+backup's chain ends where the archive began following another history (``histories`` in
+the index: wal-archive found its slot gone, as after every restore).
 
 The start segment: the manifest's ``wal_start_at_least`` (the segment of the server's WAL
 position read just before pg_basebackup began: the backup's own start is at or after it),
@@ -120,12 +122,26 @@ def start_segment(entry: BackupEntry, index: dict[str, Any]) -> str | None:
     return segment_name(int(timelines.pop(), 16), before[-1])
 
 
+def next_history(entry: BackupEntry, index: dict[str, Any]) -> float:
+    """When the archive began following another WAL history after this backup was taken
+    (wal-archive found its slot gone: the cluster was restored or replaced); infinity if
+    it has not. Segments archived from then on are not this backup's WAL."""
+    starts = index.get("histories", [])
+    later = [
+        float(t)
+        for t in (starts if isinstance(starts, list) else [])
+        if isinstance(t, int | float) and t > entry.created_unix
+    ]
+    return min(later, default=float("inf"))
+
+
 def window_of(entry: BackupEntry, index: dict[str, Any]) -> Window:
     start = backup_end_time(entry)
     first = start_segment(entry, index)
     if first is None:
         return Window(entry, start, None, (), "no WAL archived from its start")
     timeline = first[:8]
+    history_end = next_history(entry, index)
     segments: dict[str, Any] = index["segments"]
     chain: list[str] = []
     number = segment_number(first)
@@ -133,7 +149,9 @@ def window_of(entry: BackupEntry, index: dict[str, Any]) -> Window:
         name = segment_name(int(timeline, 16), number * wal.SEGMENT_SIZE)
         record = segments.get(name)
         archived_at = record.get("archived_at") if isinstance(record, dict) else None
-        if not isinstance(archived_at, int | float) or archived_at < entry.created_unix:
+        if not isinstance(archived_at, int | float):
+            break
+        if not entry.created_unix <= archived_at < history_end:
             break
         chain.append(name)
         number += 1
@@ -144,6 +162,8 @@ def window_of(entry: BackupEntry, index: dict[str, Any]) -> Window:
     # this chain's range was not archived by it).
     reached = None
     for at, lsn in _cycles(index):
+        if at >= history_end:
+            break
         last = segment_name(int(timeline, 16), lsn - 1)
         if last in chain and float(segments[last]["archived_at"]) >= at:
             reached = at if reached is None else max(reached, at)

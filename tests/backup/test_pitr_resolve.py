@@ -159,3 +159,56 @@ def test_restore_recovers_the_resolved_backup_with_only_the_segments_it_needs(
     assert stack.pg.psql("SELECT name FROM markers", database=DATABASE).split() == ["before"]
     # The staged segments went beside the data directory and are gone.
     assert not list(stack.pg.data_dir.parent.glob(".rag-restore-wal-*"))
+
+
+def test_after_a_physical_restore_the_new_history_is_archived_and_recoverable(
+    stack: Stack,
+) -> None:
+    """A plain physical restore puts the cluster back at its base backup's WAL position:
+    the server writes segment names the archive already holds, from the history since
+    undone. wal-archive archives them anyway (the old copies kept aside, not overwritten),
+    so a backup taken after the restore can be recovered to a time after it."""
+    require_tool("pg_receivewal")
+    physical = ["backup", "--pg-physical", "--components", "postgres"]
+    _ok(["wal-archive"], stack)
+    first = _ok(physical, stack).split()[-1]
+    for _ in range(3):  # the history a restore undoes, over several segments
+        stack.pg.psql(
+            "INSERT INTO feedback (question) SELECT repeat('x', 2000) "
+            "FROM generate_series(1, 4000)",
+            database=DATABASE,
+        )
+        _ok(["wal-archive"], stack)
+    undone = set(json.loads((stack.backup_dir / "wal" / "index.json").read_text())["segments"])
+
+    stack.pg.shutdown()
+    restore = ["restore", first, "--components", "postgres", "--pg-mode", "physical"]
+    _ok([*restore, "--pg-data-dir", str(stack.pg.data_dir), "--yes"], stack)
+    stack.pg.start_again()
+    _ok(["wal-archive"], stack)
+    second = _ok(physical, stack).split()[-1]
+    stack.pg.psql("CREATE TABLE markers (name text)", database=DATABASE)
+    stack.pg.psql("INSERT INTO markers VALUES ('before')", database=DATABASE)
+    target = _iso(_later_moment())
+    stack.pg.psql("INSERT INTO markers VALUES ('after')", database=DATABASE)
+    _ok(["wal-archive"], stack)
+
+    assert _ok(["resolve", "--target-time", target], stack) == second
+    # The backup of the undone history does not reach past the restore, even where segment
+    # names run on.
+    mixed = _refused(["resolve", first, "--target-time", target], stack)
+    assert f"(base backup {first})" in mixed
+    index = json.loads((stack.backup_dir / "wal" / "index.json").read_text())
+    reused = sorted(undone & {r["name"] for r in index.get("superseded", [])})
+    assert reused, "the restored cluster wrote no segment name the archive held"
+    for name in reused:  # both copies at rest: the new history's and the undone one's
+        assert (stack.backup_dir / "wal" / index["segments"][name]["file"]).is_file()
+    for record in index["superseded"]:
+        assert (stack.backup_dir / "wal" / record["file"]).is_file()
+
+    stack.pg.shutdown()
+    restore = ["restore", second, "--components", "postgres", "--pg-mode", "physical"]
+    restore += ["--pg-data-dir", str(stack.pg.data_dir), "--yes", "--target-time", target]
+    _ok(restore, stack)
+    stack.pg.start_again()
+    assert stack.pg.psql("SELECT name FROM markers", database=DATABASE).split() == ["before"]
