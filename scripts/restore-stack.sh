@@ -50,7 +50,7 @@ while [ $# -gt 0 ]; do
     --yes) assume_yes=1; shift ;;
     --logical) force_logical=1; shift ;;
     --key-volume) key_volume="${2:?}"; shift 2 ;;
-    --components) components=(--components "${2:?}"); shift 2 ;;
+    --components) components=(--components "${2:?}"); components[1]="${components[1]// /}"; shift 2 ;;
     --target-time) target=(--target-time "${2:?}"); shift 2 ;;
     --target)
       [ "${2:-}" = latest ] || { echo "restore-stack: --target '${2:-}': expected latest (or --target-time ISO-TIME)" >&2; exit 2; }

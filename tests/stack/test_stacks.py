@@ -208,8 +208,8 @@ def test_restore_staging_to_a_time_between_two_markers_brings_postgres_back_to_i
 ) -> None:
     """The bad migration at 17:00: PostgreSQL back to a time just before it, from the base
     backup before that time plus the WAL archive. Redis and Chroma keep their data."""
-    # The cluster restored by an earlier scenario has no slot yet (a base backup copies
-    # none): one cycle now, as the scheduler's next minute would, so the backup's WAL is kept.
+    # A restored cluster has no replication slot until the scheduler's first cycle after
+    # the restore (a base backup copies none): one cycle now, so the backup's WAL is kept.
     archive_wal_now(stacks, "staging")
     assert marker(stacks, "staging", "PUT", "pitr-a") == PRESENT
     take_backup(stacks, "staging")
