@@ -50,6 +50,9 @@ from rag_backup.store import (
 from rag_backup.streams import CHUNK, file_sha256
 
 MARKER = "offsite-verified.json"
+# In a pulled local folder (never pushed: push sends the manifest's artifacts only): the
+# folder came from the target, so this host did not make it.
+PULLED = "offsite-pulled.json"
 METRICS_FILE = "rag_backup_offsite.prom"
 LAST_SUCCESS = "rag_backup_offsite_last_success_timestamp_seconds"
 LAST_RUN = "rag_backup_offsite_last_run_timestamp_seconds"
@@ -571,14 +574,14 @@ def pull(target: Target, store: BackupStore, backup_id: str | None) -> str:
             if chosen is None:
                 raise BackupError(f"backup {backup_id} not found on {target.remote}")
         else:
-            usable = [r for r in remote if r.verified_ok]
-            if not usable:
-                raise BackupError(f"no verified backup on {target.remote}")
-            chosen = max(usable, key=lambda r: (r.as_entry().created_unix, r.backup_id))
+            chosen = newest_not_made_here(remote, store, target)
         if chosen.manifest is None:
             raise BackupError(f"remote backup {chosen.backup_id}: {chosen.problem}")
         with store.lock("offsite pull"):
             final = store.root / chosen.backup_id
+            if _pulled_before(final, chosen):
+                log(f"offsite: {chosen.backup_id} was pulled into {final} before; not again")
+                return chosen.backup_id
             if final.exists():
                 raise BackupError(
                     f"{final} already exists; restore from it, or move it away to pull again"
@@ -588,6 +591,8 @@ def pull(target: Target, store: BackupStore, backup_id: str | None) -> str:
             tmp.mkdir(mode=0o700)
             try:
                 _download_checked(rclone, chosen, tmp)
+                record = {"remote": target.remote, "manifest_sha256": chosen.manifest_sha256}
+                (tmp / PULLED).write_text(json.dumps(record))
                 fsync_dir(tmp)
                 os.rename(tmp, final)
                 fsync_dir(store.root)
@@ -598,6 +603,41 @@ def pull(target: Target, store: BackupStore, backup_id: str | None) -> str:
         return chosen.backup_id
     finally:
         rclone.close()
+
+
+def made_here(store: BackupStore, backup_id: str) -> bool:
+    """A complete local backup folder that was not pulled: this host made it."""
+    folder = store.root / backup_id
+    return (folder / MANIFEST).is_file() and not (folder / PULLED).is_file()
+
+
+def newest_not_made_here(
+    remote: list[RemoteBackup], store: BackupStore, target: Target
+) -> RemoteBackup:
+    """The newest verified remote copy this host did not make itself. On a rebuilt host
+    the scheduler's first run has already backed up the new, empty stores and copied
+    that off-host too: "latest" is then the lost host's newest copy, not that one."""
+    verified = [r for r in remote if r.verified_ok]
+    usable = [r for r in verified if not made_here(store, r.backup_id)]
+    for r in verified:
+        if r not in usable:
+            log(f"offsite: passing over {r.backup_id}: this host made it ({store.root})")
+    if not usable:
+        if verified:
+            raise BackupError(
+                f"every verified backup on {target.remote} was made on this host and is in "
+                f"{store.root}: restore it from there (restore-stack.sh), or name an ID"
+            )
+        raise BackupError(f"no verified backup on {target.remote}")
+    return max(usable, key=lambda r: (r.as_entry().created_unix, r.backup_id))
+
+
+def _pulled_before(final: Path, chosen: RemoteBackup) -> bool:
+    """``final`` is this remote copy, pulled by an earlier run (a retried restore)."""
+    if not (final / PULLED).is_file() or not (final / MANIFEST).is_file():
+        return False
+    _, local_sha = file_sha256(final / MANIFEST)
+    return local_sha == chosen.manifest_sha256
 
 
 def _download_checked(rclone: Rclone, chosen: RemoteBackup, tmp: Path) -> None:
@@ -707,8 +747,8 @@ def add_offsite_parser(
         "verify": "read a remote copy back and check it against its manifest (default: the "
         "newest local backup's, else the newest remote one)",
         "prune": "delete remote copies outside the retention policy (never the only verified one)",
-        "pull": "download a remote backup (default: the newest verified) into BACKUP_DIR, "
-        "checked, for the normal restore",
+        "pull": "download a remote backup (default: the newest verified one this host did "
+        "not make) into BACKUP_DIR, checked, for the normal restore",
         "list": "list the remote copies",
     }
     for action, text in helps.items():
