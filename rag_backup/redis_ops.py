@@ -9,8 +9,10 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -134,7 +136,32 @@ def remote_keyspace(settings: RedisSettings) -> dict[str, dict[str, int]]:
     return parse_keyspace(out)
 
 
+# How long "is the live server still running?" waits for its name to resolve. A stopped
+# container's name is forwarded by Docker's DNS to the host's resolver; one that does not
+# answer (a sandbox, a DNS outage: the moments restores happen) held the check 30-40 s.
+RESOLVE_TIMEOUT_S = 5.0
+
+
+def resolves(host: str, port: int, timeout: float = RESOLVE_TIMEOUT_S) -> bool:
+    """Whether ``host`` has an address within ``timeout`` (getaddrinfo has no timeout of
+    its own: it runs in a daemon thread that is left behind when it hangs)."""
+    found: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            found.append(bool(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+        except OSError:
+            found.append(False)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(found and found[0])
+
+
 def remote_answers(settings: RedisSettings) -> bool:
+    if not resolves(settings.host, settings.port):
+        return False  # no address (yet): nothing there can be running
     try:
         result = subprocess.run(
             [*settings.cli_argv(), "PING"],
