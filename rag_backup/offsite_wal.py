@@ -485,12 +485,14 @@ def plan_wal_pull(rclone: Rclone, store: BackupStore, manifest: dict[str, Any]) 
         raise BackupError(f"no off-host WAL archived after backup {backup_id} (system {system})")
     _check_consecutive(names, system)
     local = wal.read_index(store) if (wal.wal_dir(store) / wal.INDEX).exists() else None
-    if local is not None and local.get("segments"):
+    if local is not None:
         others = {
             str(item.get("system_identifier") or local.get("system_identifier"))
             for item in local["segments"].values()
         }
-        if others != {system}:
+        if local.get("system_identifier"):
+            others.add(str(local["system_identifier"]))
+        if others - {system}:
             raise BackupError(
                 f"{wal.wal_dir(store)} holds the WAL archive of another cluster (this host's "
                 f"own?); pull into a fresh --backup-dir, e.g. {store.root}/offsite-pitr"
