@@ -281,3 +281,32 @@ def test_s3_wal_push_and_pull(stack: Stack, s3_target: Target, tmp_path: Path) -
     assert pulled_index["covered_until"] == index["covered_until"]
     for name, item in pulled_index["segments"].items():
         assert _sha256(landing / "wal" / item["file"]) == index["segments"][name]["sha256"]
+
+
+def test_a_segment_the_target_refuses_is_not_recorded_and_holds_covered_until_back(
+    stack: Stack, sftp_target: Target
+) -> None:
+    _archive_backup_and_markers(stack, sftp_target)
+    index = _local_index(stack)
+    names = sorted(index["segments"])
+    blocked = names[1]
+    assert sftp_target.files is not None
+    lineage = sftp_target.files / "wal" / index["system_identifier"]
+    # The target cannot store this one file (a directory is in its place).
+    (lineage / index["segments"][blocked]["file"] / "x").mkdir(parents=True)
+    failed = _offsite(stack, sftp_target, "wal-push")
+    assert failed.returncode == 1
+    assert f"off-host WAL copy failed: {blocked}:" in failed.stderr
+    remote_index = json.loads((lineage / "index.json").read_text())
+    assert sorted(remote_index["segments"]) == [n for n in names if n != blocked]
+    assert remote_index["covered_until"] is None  # not every segment is off-host
+    samples = _wal_metrics(stack)
+    assert samples[(LAST_RUN_SUCCESS, None)] == 0
+    assert samples[(ARCHIVED_UNTIL, None)] == 0
+
+    shutil.rmtree(lineage / index["segments"][blocked]["file"])
+    assert "copied 1 WAL segment(s)" in _ok(_offsite(stack, sftp_target, "wal-push"))
+    remote_index = json.loads((lineage / "index.json").read_text())
+    assert sorted(remote_index["segments"]) == names
+    assert remote_index["covered_until"] == index["covered_until"]
+    assert _wal_metrics(stack)[(ARCHIVED_UNTIL, None)] == pytest.approx(index["covered_until"])
