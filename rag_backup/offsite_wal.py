@@ -66,6 +66,10 @@ SEGMENT_MAX_BYTES = 2 * wal.SEGMENT_SIZE
 INDEX_MAX_BYTES = 64 << 20
 SYSTEM = re.compile(r"^[0-9]{1,20}$")
 _SEGMENT_FILE = re.compile(r"^([0-9A-F]{24})\.zst\.(gpg|age)$")
+# A segment of an earlier history of the same cluster under a name a later one reuses (a
+# physical restore without a new timeline), kept aside off-host: <file>.superseded-<time>.
+SUPERSEDED = ".superseded-"
+_SUPERSEDED_FILE = re.compile(r"^([0-9A-F]{24})\.zst\.(gpg|age)\.superseded-[0-9]{1,12}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LSN = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
 
@@ -81,6 +85,7 @@ class Record:
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     covered_until: dict[str, float] = field(default_factory=dict)  # per lineage
     pruned_before: float = 0.0  # remote prune horizon: older segments are not pushed again
+    superseded: list[dict[str, Any]] = field(default_factory=list)  # set aside off-host
 
     @classmethod
     def load(cls, store: BackupStore, remote: str) -> Record:
@@ -93,6 +98,7 @@ class Record:
         segments = data.get("segments")
         covered = data.get("covered_until")
         pruned = data.get("pruned_before")
+        aside = data.get("superseded")
         return cls(
             remote,
             dict(segments) if isinstance(segments, dict) else {},
@@ -100,6 +106,7 @@ class Record:
             if isinstance(covered, dict)
             else {},
             float(pruned) if isinstance(pruned, int | float) else 0.0,
+            [a for a in aside if isinstance(a, dict)] if isinstance(aside, list) else [],
         )
 
     def save(self, store: BackupStore) -> None:
@@ -110,6 +117,7 @@ class Record:
                 "segments": self.segments,
                 "covered_until": self.covered_until,
                 "pruned_before": self.pruned_before,
+                "superseded": self.superseded,
             },
         )
 
@@ -197,17 +205,19 @@ def parse_remote_index(data: bytes, system: str) -> dict[str, Any]:
     for name, item in segments.items():
         if not isinstance(item, dict) or not wal.SEGMENT.fullmatch(str(name)):
             raise BackupError(f"{where}: {name!r} is not a WAL segment entry")
-        file, size, sha, at = (item.get(k) for k in ("file", "size", "sha256", "archived_at"))
-        match = _SEGMENT_FILE.match(file) if isinstance(file, str) else None
-        if match is None or match[1] != name:
-            raise BackupError(f"{where}: {name}: file {file!r} is not {name}.zst.gpg/.age")
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= SEGMENT_MAX_BYTES:
-            raise BackupError(f"{where}: {name}: size {size!r} is not a segment's")
-        if not isinstance(sha, str) or not _SHA256.match(sha):
-            raise BackupError(f"{where}: {name}: sha256 is not 64 hex digits")
-        if isinstance(at, bool) or not isinstance(at, int | float):
-            raise BackupError(f"{where}: {name}: archived_at is not a time")
-        checked[name] = {"file": file, "size": size, "sha256": sha, "archived_at": float(at)}
+        checked[name] = _segment_entry(where, name, item, _SEGMENT_FILE)
+    aside = index.get("superseded") or []
+    if not isinstance(aside, list):
+        raise BackupError(f"{where}: superseded is not a list")
+    superseded = []
+    for item in aside:
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not wal.SEGMENT.fullmatch(name):
+            raise BackupError(f"{where}: a superseded entry names no WAL segment")
+        superseded.append({"name": name, **_segment_entry(where, name, item, _SUPERSEDED_FILE)})
+    histories = index.get("histories") or []
+    if not isinstance(histories, list) or not all(_is_time(h) for h in histories):
+        raise BackupError(f"{where}: histories is not a list of times")
     covered = index.get("covered_until")
     if covered is not None and (isinstance(covered, bool) or not isinstance(covered, int | float)):
         raise BackupError(f"{where}: covered_until is not a time")
@@ -227,9 +237,31 @@ def parse_remote_index(data: bytes, system: str) -> dict[str, Any]:
     return {
         "system_identifier": system,
         "segments": checked,
+        "superseded": superseded,
         "covered_until": float(covered) if covered is not None else None,
         "cycles": cycles,
+        "histories": [float(h) for h in histories],
     }
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _segment_entry(
+    where: str, name: str, item: dict[str, Any], file_pattern: re.Pattern[str]
+) -> dict[str, Any]:
+    file, size, sha, at = (item.get(k) for k in ("file", "size", "sha256", "archived_at"))
+    match = file_pattern.match(file) if isinstance(file, str) else None
+    if match is None or match[1] != name:
+        raise BackupError(f"{where}: {name}: file {file!r} is not {name}.zst.gpg/.age")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= SEGMENT_MAX_BYTES:
+        raise BackupError(f"{where}: {name}: size {size!r} is not a segment's")
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise BackupError(f"{where}: {name}: sha256 is not 64 hex digits")
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        raise BackupError(f"{where}: {name}: archived_at is not a time")
+    return {"file": file, "size": size, "sha256": sha, "archived_at": float(at)}
 
 
 def read_remote_index(rclone: Rclone, system: str) -> dict[str, Any] | None:
@@ -289,6 +321,14 @@ def push_wal(rclone: Rclone, store: BackupStore) -> PushResult:
             if not wal.ARTIFACT_NAME.fullmatch(path.name) or not path.is_file():
                 continue  # pruned locally since the snapshot
             try:
+                if done.get("system_identifier") == system:
+                    # Another history of this cluster reuses the name: the copy off-host
+                    # (which its base backups need) is set aside, never overwritten.
+                    aside = _set_aside(rclone, system, done)
+                    record.superseded.append({**done, "name": name, "file": aside})
+                    del record.segments[name]
+                    record.save(store)
+                    changed.add(system)
                 _push_segment(rclone, system, name, item, path)
             except BackupError as error:
                 lineage_complete[system] = False
@@ -326,6 +366,24 @@ def push_wal(rclone: Rclone, store: BackupStore) -> PushResult:
         return PushResult(pushed, record.covered_until.get(current))
 
 
+def _set_aside(rclone: Rclone, system: str, done: dict[str, Any]) -> str:
+    aside = f"{done['file']}{SUPERSEDED}{int(float(done.get('archived_at', 0)))}"
+    try:
+        rclone.run(
+            "moveto",
+            "moveto",
+            lineage_path(rclone, system, str(done["file"])),
+            lineage_path(rclone, system, aside),
+        )
+    except BackupError as error:
+        # Moved before a crash, not yet recorded: the aside copy is there.
+        listed = rclone.run("lsjson", "lsjson", lineage_path(rclone, system, aside))
+        if not _not_found(error) or not rclone._json(listed, "lsjson"):
+            raise
+    log(f"offsite: WAL {done['file']} of an earlier history kept off-host as {aside}")
+    return aside
+
+
 def _push_segment(rclone: Rclone, system: str, name: str, item: dict[str, Any], path: Path) -> None:
     check_ciphertext(path)
     size, digest = file_sha256(path)
@@ -351,11 +409,14 @@ def _lineage_index(
         for c in (index.get("cycles", []) if system == current else [])
         if isinstance(c, dict) and float(c.get("at", 0)) >= record.pruned_before
     ]
+    histories = index.get("histories", []) if system == current else []
     return {
         "system_identifier": system,
         "segments": segments,
+        "superseded": [a for a in record.superseded if a.get("system_identifier") == system],
         "covered_until": record.covered_until.get(system),
         "cycles": cycles,
+        "histories": [h for h in histories if _is_time(h)],
     }
 
 
@@ -406,7 +467,8 @@ def prune_wal(
             if index is None:
                 continue
             doomed = sorted(n for n, i in index["segments"].items() if i["archived_at"] < horizon)
-            if not doomed:
+            old_aside = [a for a in index["superseded"] if a["archived_at"] < horizon]
+            if not doomed and not old_aside:
                 continue
             log(
                 f"offsite: {'would delete' if dry_run else 'delete'} {len(doomed)} WAL "
@@ -416,14 +478,18 @@ def prune_wal(
             if dry_run:
                 continue
             files = [index["segments"].pop(name)["file"] for name in doomed]
+            files += [a["file"] for a in old_aside]
+            index["superseded"] = [a for a in index["superseded"] if a not in old_aside]
             index["cycles"] = [c for c in index["cycles"] if c["at"] >= horizon]
             if record is not None:
                 for name in doomed:
                     record.segments.pop(name, None)
+                gone = {a["file"] for a in old_aside}
+                record.superseded = [a for a in record.superseded if a.get("file") not in gone]
                 record.pruned_before = max(record.pruned_before, horizon)
                 assert store is not None
                 record.save(store)
-            if index["segments"]:
+            if index["segments"] or index["superseded"]:
                 _write_remote_index(rclone, system, index)
             else:
                 rclone.run("deletefile", "deletefile", lineage_path(rclone, system, REMOTE_INDEX))
@@ -571,6 +637,8 @@ def fetched_wal(rclone: Rclone, store: BackupStore, plan: WalPlan) -> Iterator[C
                 seen = {c.get("at") for c in cycles}
                 cycles += [c for c in plan.index["cycles"] if c["at"] not in seen]
                 local["cycles"] = sorted(cycles, key=lambda c: float(c.get("at", 0)))
+                histories = [h for h in local.get("histories", []) if _is_time(h)]
+                local["histories"] = sorted({*histories, *plan.index["histories"]})
                 write_json_atomic(target / wal.INDEX, local)
             covered = wal.describe_time(plan.index["covered_until"])
             log(

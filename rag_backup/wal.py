@@ -82,7 +82,7 @@ def segment_file(name: str, cipher: CipherSettings) -> str:
 
 
 @contextlib.contextmanager
-def archive_lock(directory: Path) -> Iterator[None]:
+def _archive_lock(directory: Path) -> Iterator[None]:
     handle = open(directory / LOCK, "a+")  # noqa: SIM115 - held for the with-block
     try:
         try:
@@ -92,6 +92,10 @@ def archive_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+# Public for offsite_wal, which installs pulled WAL under the same lock.
+archive_lock = _archive_lock
 
 
 def _receivewal(cfg: WalArchiveConfig, *extra: str, timeout: float = 600) -> None:
@@ -120,7 +124,7 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
     archived: list[str] = []
     success = False
     try:
-        with archive_lock(target), Cipher(cfg.cipher) as cipher:
+        with _archive_lock(target), Cipher(cfg.cipher) as cipher:
             _receivewal(cfg, "--create-slot", "--if-not-exists", timeout=120)
             database = cfg.postgres.database
             switched_at = time.time()
@@ -253,7 +257,7 @@ def prune_segments(store: BackupStore, oldest_base_backup_start: float, dry_run:
     target = wal_dir(store)
     if not (target / INDEX).exists():
         return []
-    with archive_lock(target):
+    with _archive_lock(target):
         index = read_index(store)
         doomed = [
             name

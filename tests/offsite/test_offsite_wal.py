@@ -310,3 +310,39 @@ def test_a_segment_the_target_refuses_is_not_recorded_and_holds_covered_until_ba
     assert sorted(remote_index["segments"]) == names
     assert remote_index["covered_until"] == index["covered_until"]
     assert _wal_metrics(stack)[(ARCHIVED_UNTIL, None)] == pytest.approx(index["covered_until"])
+
+
+def test_a_later_history_reusing_a_segment_name_never_overwrites_the_off_host_copy(
+    stack: Stack, sftp_target: Target
+) -> None:
+    """A physical restore without a new timeline: the archive holds a new segment under a
+    name already copied off-host (the archiver keeps the earlier one aside locally). The
+    off-host copy, which the earlier history's base backups need, is set aside there too."""
+    _archive_backup_and_markers(stack, sftp_target)
+    _ok(_offsite(stack, sftp_target, "wal-push"))
+    index = _local_index(stack)
+    names = sorted(index["segments"])
+    reused, other = names[1], names[2]
+    wal_dir = stack.backup_dir / "wal"
+    earlier = index["segments"][reused]
+    old_bytes = (wal_dir / earlier["file"]).read_bytes()
+    # The later history's segment under the same name (ciphertext of other bytes).
+    (wal_dir / earlier["file"]).write_bytes(
+        (wal_dir / index["segments"][other]["file"]).read_bytes()
+    )
+    index["segments"][reused] = {
+        **index["segments"][other],
+        "file": earlier["file"],
+        "archived_at": time.time(),
+    }
+    (wal_dir / "index.json").write_text(json.dumps(index))
+
+    assert "copied 1 WAL segment(s)" in _ok(_offsite(stack, sftp_target, "wal-push"))
+    remote = _remote_wal(sftp_target)
+    aside = remote / f"{earlier['file']}.superseded-{int(earlier['archived_at'])}"
+    assert aside.read_bytes() == old_bytes
+    assert _sha256(remote / earlier["file"]) == index["segments"][reused]["sha256"]
+    remote_index = json.loads((remote / "index.json").read_text())
+    assert remote_index["segments"][reused]["sha256"] == index["segments"][reused]["sha256"]
+    assert [a["file"] for a in remote_index["superseded"]] == [aside.name]
+    assert "copied 0 WAL segment(s)" in _ok(_offsite(stack, sftp_target, "wal-push"))
