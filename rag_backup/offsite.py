@@ -573,9 +573,8 @@ def prune_remote(
 def pull(target: Target, store: BackupStore, backup_id: str | None, with_wal: bool = False) -> str:
     """Download a remote backup (default: the newest verified one) into the store as a
     complete backup folder, checked against its manifest before it appears there.
-    ``with_wal``: also the off-host WAL archived since it (offsite_wal), into
-    ``BACKUP_DIR/wal``, for a point-in-time restore; a backup already there with the same
-    manifest is kept and only the WAL fetched."""
+    ``with_wal``: also the off-host WAL archived since it, for a point-in-time restore
+    (offsite_wal.alongside: fetched and checked before, installed after the backup)."""
     rclone = Rclone(target)
     try:
         remote = remote_backups(rclone)
@@ -590,39 +589,25 @@ def pull(target: Target, store: BackupStore, backup_id: str | None, with_wal: bo
             chosen = max(usable, key=lambda r: (r.as_entry().created_unix, r.backup_id))
         if chosen.manifest is None:
             raise BackupError(f"remote backup {chosen.backup_id}: {chosen.problem}")
-        with store.lock("offsite pull"):
+        wal_pull = offsite_wal.alongside(rclone, store, chosen.manifest, with_wal)
+        with store.lock("offsite pull"), wal_pull:
             final = store.root / chosen.backup_id
-            plan = offsite_wal.plan_wal_pull(rclone, store, chosen.manifest) if with_wal else None
-            # The WAL is fetched and checked first: a corrupted segment leaves nothing behind.
-            fetching = (
-                offsite_wal.fetched_wal(rclone, store, plan)
-                if plan is not None
-                else contextlib.nullcontext(None)
-            )
-            with fetching as install_wal:
-                if install_wal is not None and (final / MANIFEST).is_file():
-                    if file_sha256(final / MANIFEST)[1] != chosen.manifest_sha256:
-                        raise BackupError(f"{final} differs from the off-host copy; move it away")
-                    install_wal()
-                    return chosen.backup_id
-                if final.exists():
-                    raise BackupError(
-                        f"{final} already exists; restore from it, or move it away to pull again"
-                    )
-                tmp = store.temp_dir_for(chosen.backup_id)
+            if final.exists():
+                raise BackupError(
+                    f"{final} already exists; restore from it, or move it away to pull again"
+                )
+            tmp = store.temp_dir_for(chosen.backup_id)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o700)
+            try:
+                _download_checked(rclone, chosen, tmp)
+                fsync_dir(tmp)
+                os.rename(tmp, final)
+                fsync_dir(store.root)
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(mode=0o700)
-                try:
-                    _download_checked(rclone, chosen, tmp)
-                    fsync_dir(tmp)
-                    os.rename(tmp, final)
-                    fsync_dir(store.root)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                log(f"offsite: pulled {chosen.backup_id} into {final}")
-                if install_wal is not None:
-                    install_wal()
+                raise
+        log(f"offsite: pulled {chosen.backup_id} into {final}")
         return chosen.backup_id
     finally:
         rclone.close()

@@ -36,7 +36,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -589,67 +589,78 @@ def _check_consecutive(names: list[str], system: str) -> None:
 
 
 @contextlib.contextmanager
-def fetched_wal(rclone: Rclone, store: BackupStore, plan: WalPlan) -> Iterator[Callable[[], int]]:
-    """Download the planned segments into a private folder beside BACKUP_DIR/wal, each
-    checked against the (validated) remote index; yields ``install``, which moves them into
-    BACKUP_DIR/wal and writes its index last (returns how many segments it lists). Nothing
-    appears in BACKUP_DIR/wal unless every segment passed; the folder goes on exit."""
-    target = wal.wal_dir(store)
+def alongside(
+    rclone: Rclone, store: BackupStore, manifest: dict[str, Any], with_wal: bool
+) -> Iterator[None]:
+    """Around pulling a base backup (``with_wal``; else nothing): plan its WAL (refusing a
+    store whose archive is another cluster's) and download every planned segment into a
+    private folder beside BACKUP_DIR/wal, each checked against the (validated) remote index,
+    before the backup is pulled; once the pull succeeded (also when it found the backup
+    already there), move them into BACKUP_DIR/wal and write its index last. A failure
+    anywhere leaves BACKUP_DIR/wal as it was; the private folder goes in any case."""
+    if not with_wal:
+        yield
+        return
+    plan = plan_wal_pull(rclone, store, manifest)
     store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-wal-pull-", dir=store.root))
     try:
-        for name in plan.names:
-            item = plan.index["segments"][name]
-            have = target / item["file"]
-            if have.is_file() and file_sha256(have) == (item["size"], item["sha256"]):
-                continue
-            path = tmp / item["file"]
-            rclone.download(lineage_path(rclone, plan.system, item["file"]), path)
-            size, digest = file_sha256(path)
-            if size != item["size"] or digest != item["sha256"]:
-                raise BackupError(
-                    f"off-host WAL {name} is corrupted: {size} bytes, SHA-256 {digest[:12]}...; "
-                    f"the index records {item['size']} bytes, {item['sha256'][:12]}...; "
-                    "nothing was written"
-                )
-            check_ciphertext(path)
-
-        def install() -> int:
-            target.mkdir(mode=0o700, exist_ok=True)
-            with wal.archive_lock(target):
-                fetched = 0
-                for path in tmp.iterdir():
-                    os.replace(path, target / path.name)
-                    fetched += 1
-                fsync_dir(target)
-                exists = (target / wal.INDEX).exists()
-                local = wal.read_index(store) if exists else {"segments": {}}
-                for name in plan.names:
-                    local["segments"][name] = {
-                        **plan.index["segments"][name],
-                        "system_identifier": plan.system,
-                    }
-                local["system_identifier"] = plan.system
-                local["covered_until"] = max(
-                    float(plan.index["covered_until"]), float(local.get("covered_until") or 0)
-                )
-                cycles = [c for c in local.get("cycles", []) if isinstance(c, dict)]
-                seen = {c.get("at") for c in cycles}
-                cycles += [c for c in plan.index["cycles"] if c["at"] not in seen]
-                local["cycles"] = sorted(cycles, key=lambda c: float(c.get("at", 0)))
-                histories = [h for h in local.get("histories", []) if _is_time(h)]
-                local["histories"] = sorted({*histories, *plan.index["histories"]})
-                write_json_atomic(target / wal.INDEX, local)
-            covered = wal.describe_time(plan.index["covered_until"])
-            log(
-                f"offsite: {len(plan.names)} WAL segment(s) of system {plan.system} in {target} "
-                f"({fetched} downloaded), complete up to {covered}"
-            )
-            return len(plan.names)
-
-        yield install
+        _fetch(rclone, store, plan, tmp)
+        yield  # the base backup is pulled here
+        _install(store, plan, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch(rclone: Rclone, store: BackupStore, plan: WalPlan, tmp: Path) -> None:
+    target = wal.wal_dir(store)
+    for name in plan.names:
+        item = plan.index["segments"][name]
+        have = target / item["file"]
+        if have.is_file() and file_sha256(have) == (item["size"], item["sha256"]):
+            continue
+        path = tmp / item["file"]
+        rclone.download(lineage_path(rclone, plan.system, item["file"]), path)
+        size, digest = file_sha256(path)
+        if size != item["size"] or digest != item["sha256"]:
+            raise BackupError(
+                f"off-host WAL {name} is corrupted: {size} bytes, SHA-256 {digest[:12]}...; "
+                f"the index records {item['size']} bytes, {item['sha256'][:12]}...; "
+                "nothing was written"
+            )
+        check_ciphertext(path)
+
+
+def _install(store: BackupStore, plan: WalPlan, tmp: Path) -> None:
+    target = wal.wal_dir(store)
+    target.mkdir(mode=0o700, exist_ok=True)
+    with wal.archive_lock(target):
+        fetched = 0
+        for path in tmp.iterdir():
+            os.replace(path, target / path.name)
+            fetched += 1
+        fsync_dir(target)
+        local = wal.read_index(store) if (target / wal.INDEX).exists() else {"segments": {}}
+        for name in plan.names:
+            local["segments"][name] = {
+                **plan.index["segments"][name],
+                "system_identifier": plan.system,
+            }
+        local["system_identifier"] = plan.system
+        local["covered_until"] = max(
+            float(plan.index["covered_until"]), float(local.get("covered_until") or 0)
+        )
+        cycles = [c for c in local.get("cycles", []) if isinstance(c, dict)]
+        seen = {c.get("at") for c in cycles}
+        cycles += [c for c in plan.index["cycles"] if c["at"] not in seen]
+        local["cycles"] = sorted(cycles, key=lambda c: float(c.get("at", 0)))
+        histories = [h for h in local.get("histories", []) if _is_time(h)]
+        local["histories"] = sorted({*histories, *plan.index["histories"]})
+        write_json_atomic(target / wal.INDEX, local)
+    log(
+        f"offsite: {len(plan.names)} WAL segment(s) of system {plan.system} in {target} "
+        f"({fetched} downloaded), complete up to {wal.describe_time(plan.index['covered_until'])}"
+    )
 
 
 # --------------------------------------------------------------------------- metrics
