@@ -82,6 +82,7 @@ class Record:
     """What this host proved off-host on ``remote`` (BACKUP_DIR/wal/offsite.json)."""
 
     remote: str
+    # "<system identifier>/<segment>": two lineages may hold the same segment name.
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     covered_until: dict[str, float] = field(default_factory=dict)  # per lineage
     pruned_before: float = 0.0  # remote prune horizon: older segments are not pushed again
@@ -311,7 +312,8 @@ def push_wal(rclone: Rclone, store: BackupStore) -> PushResult:
         for name, item in sorted(index["segments"].items()):
             system = segment_lineage(index, item)
             lineage_complete.setdefault(system, True)
-            done = record.segments.get(name) or {}
+            key = f"{system}/{name}"
+            done = record.segments.get(key) or {}
             proven = (done.get("sha256"), done.get("system_identifier"))
             if proven == (item.get("sha256"), system):
                 continue
@@ -326,7 +328,7 @@ def push_wal(rclone: Rclone, store: BackupStore) -> PushResult:
                     # (which its base backups need) is set aside, never overwritten.
                     aside = _set_aside(rclone, system, done)
                     record.superseded.append({**done, "name": name, "file": aside})
-                    del record.segments[name]
+                    del record.segments[key]
                     record.save(store)
                     changed.add(system)
                 _push_segment(rclone, system, name, item, path)
@@ -335,7 +337,8 @@ def push_wal(rclone: Rclone, store: BackupStore) -> PushResult:
                 errors.append(f"{name}: {error}")
                 log(f"offsite: WAL {name} FAILED: {error}")
                 continue
-            record.segments[name] = {
+            record.segments[key] = {
+                "name": name,
                 "system_identifier": system,
                 "file": path.name,
                 "size": int(item["size"]),
@@ -400,8 +403,8 @@ def _lineage_index(
     record: Record, system: str, index: dict[str, Any], current: str
 ) -> dict[str, Any]:
     segments = {
-        name: {k: item[k] for k in ("file", "size", "sha256", "archived_at")}
-        for name, item in record.segments.items()
+        str(item["name"]): {k: item[k] for k in ("file", "size", "sha256", "archived_at")}
+        for item in record.segments.values()
         if item.get("system_identifier") == system
     }
     cycles = [
@@ -429,12 +432,12 @@ def verify_wal(rclone: Rclone, store: BackupStore) -> int:
     with offsite_lock(store, LOCK_WAIT_S):
         record = Record.load(store, rclone.target.remote)
         problems = []
-        for name, item in sorted(record.segments.items()):
+        for key, item in sorted(record.segments.items()):
             remote_path = lineage_path(rclone, str(item["system_identifier"]), str(item["file"]))
             size, digest = rclone.stream_sha256(remote_path, int(item["size"]))
             if size != item["size"] or digest != item["sha256"]:
-                problems.append(f"{name}: corrupted or missing off-host")
-                del record.segments[name]
+                problems.append(f"{item['name']}: corrupted or missing off-host")
+                del record.segments[key]
                 record.covered_until.pop(str(item["system_identifier"]), None)
         record.save(store)
         if problems:
@@ -483,7 +486,7 @@ def prune_wal(
             index["cycles"] = [c for c in index["cycles"] if c["at"] >= horizon]
             if record is not None:
                 for name in doomed:
-                    record.segments.pop(name, None)
+                    record.segments.pop(f"{system}/{name}", None)
                 gone = {a["file"] for a in old_aside}
                 record.superseded = [a for a in record.superseded if a.get("file") not in gone]
                 record.pruned_before = max(record.pruned_before, horizon)

@@ -125,7 +125,7 @@ def test_every_archived_segment_goes_off_host_once_and_a_crash_mid_upload_is_rep
     record_path = stack.backup_dir / "wal" / "offsite.json"
     record = json.loads(record_path.read_text())
     last = names[-1]
-    del record["segments"][last]
+    del record["segments"][f"{index['system_identifier']}/{last}"]
     record_path.write_text(json.dumps(record))
     half = remote / index["segments"][last]["file"]
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
