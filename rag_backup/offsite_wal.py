@@ -320,9 +320,11 @@ def push_wal(rclone: Rclone, store: BackupStore) -> PushResult:
             if float(item.get("archived_at", 0)) < record.pruned_before:
                 continue  # pruned off-host already: no kept base backup needs it
             path = wal.wal_dir(store) / str(item.get("file", ""))
-            if not wal.ARTIFACT_NAME.fullmatch(path.name) or not path.is_file():
+            if not path.is_file() and name not in wal.read_index(store)["segments"]:
                 continue  # pruned locally since the snapshot
             try:
+                if not wal.ARTIFACT_NAME.fullmatch(path.name) or not path.is_file():
+                    raise BackupError(f"listed in {wal.INDEX} as {path.name}, which is missing")
                 if done.get("system_identifier") == system:
                     # Another history of this cluster reuses the name: the copy off-host
                     # (which its base backups need) is set aside, never overwritten.

@@ -294,18 +294,24 @@ def test_a_segment_the_target_refuses_is_not_recorded_and_holds_covered_until_ba
     lineage = sftp_target.files / "wal" / index["system_identifier"]
     # The target cannot store this one file (a directory is in its place).
     (lineage / index["segments"][blocked]["file"] / "x").mkdir(parents=True)
+    # And one the index lists is missing locally (never taken as "pruned meanwhile").
+    missing = names[2]
+    local = stack.backup_dir / "wal" / index["segments"][missing]["file"]
+    kept = local.rename(stack.root / local.name)
     failed = _offsite(stack, sftp_target, "wal-push")
     assert failed.returncode == 1
     assert f"off-host WAL copy failed: {blocked}:" in failed.stderr
+    assert f"{missing}: listed in index.json as {local.name}, which is missing" in failed.stderr
     remote_index = json.loads((lineage / "index.json").read_text())
-    assert sorted(remote_index["segments"]) == [n for n in names if n != blocked]
+    assert sorted(remote_index["segments"]) == [n for n in names if n not in (blocked, missing)]
     assert remote_index["covered_until"] is None  # not every segment is off-host
     samples = _wal_metrics(stack)
     assert samples[(LAST_RUN_SUCCESS, None)] == 0
     assert samples[(ARCHIVED_UNTIL, None)] == 0
 
     shutil.rmtree(lineage / index["segments"][blocked]["file"])
-    assert "copied 1 WAL segment(s)" in _ok(_offsite(stack, sftp_target, "wal-push"))
+    kept.rename(local)
+    assert "copied 2 WAL segment(s)" in _ok(_offsite(stack, sftp_target, "wal-push"))
     remote_index = json.loads((lineage / "index.json").read_text())
     assert sorted(remote_index["segments"]) == names
     assert remote_index["covered_until"] == index["covered_until"]
