@@ -68,7 +68,7 @@ SYSTEM = re.compile(r"^[0-9]{1,20}$")
 _SEGMENT_FILE = re.compile(r"^([0-9A-F]{24})\.zst\.(gpg|age)$")
 # A segment of an earlier history of the same cluster under a name a later one reuses (a
 # physical restore without a new timeline), kept aside off-host: <file>.superseded-<time>.
-SUPERSEDED = ".superseded-"
+SUPERSEDED = wal.SUPERSEDED  # one literal for local and remote set-aside copies
 _SUPERSEDED_FILE = re.compile(r"^([0-9A-F]{24})\.zst\.(gpg|age)\.superseded-[0-9]{1,12}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LSN = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
