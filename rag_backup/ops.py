@@ -164,6 +164,10 @@ def _backup_postgres(
             )
             physical["row_counts_after"] = pg.row_counts(settings, settings.database)
             physical["user"] = pg.psql_value(settings, "SELECT current_user", settings.database)
+            # The cluster's lineage: which off-host WAL folder this base backup goes with.
+            physical["system_identifier"] = pg.psql_value(
+                settings, "SELECT system_identifier FROM pg_control_system()", settings.database
+            )
 
         tasks = (
             [count]

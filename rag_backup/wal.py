@@ -95,6 +95,10 @@ def _archive_lock(directory: Path) -> Iterator[None]:
         handle.close()
 
 
+# Public for offsite_wal, which installs pulled WAL under the same lock.
+archive_lock = _archive_lock
+
+
 def _receivewal(cfg: WalArchiveConfig, *extra: str, timeout: float = 600) -> None:
     settings = cfg.postgres
     run(
@@ -131,6 +135,11 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
             # reaches its target even on an idle database; its xid is the cycle's marker
             # (the drill checks it is committed in a copy recovered past it, absent before).
             marker = int(pg.psql_value(cfg.postgres, "SELECT txid_current()", database))
+            # The cluster's lineage (new at each initdb, kept by a physical restore): off-host
+            # copies keep each lineage apart, since a new cluster reuses segment names.
+            system = pg.psql_value(
+                cfg.postgres, "SELECT system_identifier FROM pg_control_system()", database
+            ).strip()
             pg.psql_value(cfg.postgres, "SELECT pg_switch_wal()", database)
             end_lsn = pg.psql_value(cfg.postgres, "SELECT pg_current_wal_lsn()", database)
             # pg_receivewal stops only once it receives WAL *past* --endpos; right after a
@@ -141,12 +150,13 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
             index = read_index(cfg.store)
             for path in sorted(cfg.spool.iterdir()):
                 if SEGMENT.fullmatch(path.name) and path.stat().st_size == SEGMENT_SIZE:
-                    _archive_segment(cfg, cipher, path, index, progress)
+                    _archive_segment(cfg, cipher, path, index, progress, system)
                     archived.append(path.name)
                 elif path.name.endswith(".partial"):
                     # Beyond --endpos nothing was received; the slot resends from there.
                     path.unlink()
             index["covered_until"] = switched_at
+            index["system_identifier"] = system
             index["end_lsn"] = end_lsn
             cycles = index.setdefault("cycles", [])
             cycles.append({"at": switched_at, "xid": marker, "end_lsn": end_lsn})
@@ -190,6 +200,7 @@ def _archive_segment(
     path: Path,
     index: dict[str, Any],
     progress: Progress,
+    system: str,
 ) -> None:
     name = path.name
     out = wal_dir(cfg.store) / segment_file(name, cfg.cipher)
@@ -229,6 +240,7 @@ def _archive_segment(
         "size": record.size,
         "sha256": record.sha256,
         "archived_at": time.time(),
+        "system_identifier": system,
     }
     path.unlink()
 
