@@ -118,14 +118,20 @@ def no_logical_message(entry: BackupEntry) -> str:
 
 @contextmanager
 def checked_plaintext(
-    cipher: Cipher, entry: BackupEntry, item: dict[str, Any], component: str
+    cipher: Cipher,
+    entry: BackupEntry,
+    item: dict[str, Any],
+    component: str,
+    cpu: dict[str, float] | None = None,
 ) -> Iterator[IO[bytes]]:
     """The plaintext of one artifact; its ciphertext's size and SHA-256 are checked in the
     same pass (a mismatch raises when the block ends: whatever was written from the stream
-    must be discarded then; callers write only into staging areas)."""
+    must be discarded then; callers write only into staging areas). ``cpu``: see
+    decrypted_stream."""
     path = entry.path / str(item["name"])
     expected = ExpectedCiphertext(int(item["size"]), str(item["sha256"]))
-    with decrypted_stream(cipher, path, f"{component} ({item['name']})", expected) as stream:
+    name = f"{component} ({item['name']})"
+    with decrypted_stream(cipher, path, name, expected, cpu) as stream:
         yield stream
 
 
@@ -379,6 +385,9 @@ class StoreRestore:
         self.cfg = cfg
         self.entry = entry
         self.component: dict[str, Any] = entry.manifest["components"][self.name]
+        # Steps of stage() (wall seconds) and CPU seconds of its processes ("cpu ...") where
+        # a store measures them: the restore's timings line shows them.
+        self.phases: dict[str, float] = {}
 
     kind = ""
 
@@ -604,8 +613,17 @@ class PostgresPhysicalRestore(StoreRestore):
             os.chown(data, owner.st_uid, owner.st_gid)
         log(f"postgres: extracting the base backup into {data}")
         item = artifact(self.entry, self.name, self.kind)
-        with checked_plaintext(cipher, self.entry, item, self.name) as stream:
-            physical.extract_with_tar(stream, data, run_as_owner_of(data))
+        phases = self.phases
+        started = time.monotonic()
+        cpu: dict[str, float] = {}
+        with checked_plaintext(cipher, self.entry, item, self.name, cpu) as stream:
+            physical.extract_with_tar(
+                stream, data, run_as_owner_of(data), durable=True, phases=phases
+            )
+        phases["extract (hash | decrypt | zstd -d | tar)"] = (
+            time.monotonic() - started - phases.get("fsync", 0.0)
+        )
+        phases.update({f"cpu {stage}": seconds for stage, seconds in cpu.items()})
         jobs = self.cfg.postgres.jobs if self.cfg.postgres else 2
         if self.cfg.pitr:
             self._recover_to_target(cipher, data, progress, jobs)
@@ -619,6 +637,7 @@ class PostgresPhysicalRestore(StoreRestore):
             jobs,
             durable=True,
             where="postgres (physical)",
+            phases=phases,
         )
         log(f"postgres: physical copy consistent, {len(counts)} tables, row counts match")
 
@@ -644,9 +663,11 @@ class PostgresPhysicalRestore(StoreRestore):
             if os.geteuid() == 0:
                 owner = data.stat()
                 os.chown(segments, owner.st_uid, owner.st_gid)
+            started = time.monotonic()
             count = wal.stage_segments(
                 self.cfg.store, cipher, wal.backup_start_segment(data), segments, progress, jobs
             )
+            self.phases["WAL segments decrypted"] = time.monotonic() - started
             if os.geteuid() == 0:
                 for item in segments.iterdir():
                     os.chown(item, data.stat().st_uid, data.stat().st_gid)
@@ -660,6 +681,7 @@ class PostgresPhysicalRestore(StoreRestore):
             else:
                 goal = "to the end of the archived WAL"
             log(f"postgres: recovering {goal} with {count} archived WAL segment(s)")
+            started = time.monotonic()
             counts = physical.check_pitr_cluster(
                 data,
                 self.target.bin_dir,
@@ -668,6 +690,7 @@ class PostgresPhysicalRestore(StoreRestore):
                 jobs,
                 tuple(recovery),
             )
+            self.phases["recovery to target + row counts + shutdown"] = time.monotonic() - started
             log(f"postgres: recovered {goal}: {len(counts)} tables, {sum(counts.values())} rows")
         finally:
             shutil.rmtree(segments, ignore_errors=True)
