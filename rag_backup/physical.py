@@ -194,9 +194,27 @@ class WritebackStarter:
             self._thread.join()
 
 
+def sync_tree(root: Path) -> None:
+    """Make the extracted copy durable before a server runs on it: one syncfs of its
+    filesystem (the copy has no symlinks, so nothing of it lies elsewhere). An fsync per
+    file costs a journal commit or a cache flush each here: ~1 s for a base backup's
+    ~1000 files against ~0.05 s. Per-file fsync where syncfs is missing."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        fsync_tree(root)
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise BackupError(f"syncing {root} failed: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(root: Path) -> None:
-    """fsync every regular file and directory of the extracted copy (most of it already
-    written back by WritebackStarter), so it is durable before a server runs on it."""
+    """fsync every regular file and directory under ``root``."""
     for _, name, _, dir_fd in _regular_files(root):
         fd = _open_regular(name, dir_fd)
         if fd is not None:
@@ -264,7 +282,7 @@ def extract_with_tar(
                 )
     if durable:
         started = time.monotonic()
-        fsync_tree(target)
+        sync_tree(target)
         if phases is not None:
             phases["fsync"] = time.monotonic() - started
 

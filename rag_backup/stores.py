@@ -616,14 +616,16 @@ class PostgresPhysicalRestore(StoreRestore):
         phases = self.phases
         started = time.monotonic()
         cpu: dict[str, float] = {}
+        extracted: dict[str, float] = {}
         with checked_plaintext(cipher, self.entry, item, self.name, cpu) as stream:
             physical.extract_with_tar(
-                stream, data, run_as_owner_of(data), durable=True, phases=phases
+                stream, data, run_as_owner_of(data), durable=True, phases=extracted
             )
-        phases["extract (hash | decrypt | zstd -d | tar)"] = (
-            time.monotonic() - started - phases.get("fsync", 0.0)
-        )
+        fsync = extracted.pop("fsync", 0.0)
+        phases["extract (hash | decrypt | zstd -d | tar)"] = time.monotonic() - started - fsync
         phases.update({f"cpu {stage}": seconds for stage, seconds in cpu.items()})
+        phases.update(extracted)
+        phases["fsync"] = fsync
         jobs = self.cfg.postgres.jobs if self.cfg.postgres else 2
         if self.cfg.pitr:
             self._recover_to_target(cipher, data, progress, jobs)
