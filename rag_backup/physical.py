@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -285,6 +286,31 @@ def extract_with_tar(
         sync_tree(target)
         if phases is not None:
             phases["fsync"] = time.monotonic() - started
+
+
+# backup_label's line naming the WAL file a base backup starts in.
+START_WAL_LINE = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
+BACKUP_LABEL_MAX_BYTES = 64 * 1024
+
+
+def start_segment_early(data_dir: Path) -> str | None:
+    """The start segment from a backup_label that tar may still be writing (None until it
+    is complete enough). The file is not authenticated yet: a symlink is not followed, a
+    FIFO or anything not a regular file is not read, and at most 64 KiB are read."""
+    try:
+        dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fd = _open_regular("backup_label", dir_fd)
+    finally:
+        os.close(dir_fd)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        text = handle.read(BACKUP_LABEL_MAX_BYTES).decode("ascii", errors="replace")
+    match = START_WAL_LINE.search(text)
+    return match[1] if match else None
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:

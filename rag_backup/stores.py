@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -617,18 +618,26 @@ class PostgresPhysicalRestore(StoreRestore):
         started = time.monotonic()
         cpu: dict[str, float] = {}
         extracted: dict[str, float] = {}
-        with checked_plaintext(cipher, self.entry, item, self.name, cpu) as stream:
-            physical.extract_with_tar(
-                stream, data, run_as_owner_of(data), durable=True, phases=extracted
-            )
+        jobs = self.cfg.postgres.jobs if self.cfg.postgres else 2
+        prestage = (
+            WalPrestage(self.cfg.store, cipher, data, progress, jobs) if self.cfg.pitr else None
+        )
+        try:
+            with checked_plaintext(cipher, self.entry, item, self.name, cpu) as stream:
+                physical.extract_with_tar(
+                    stream, data, run_as_owner_of(data), durable=True, phases=extracted
+                )
+        except BaseException:
+            if prestage is not None:
+                prestage.discard()
+            raise
         fsync = extracted.pop("fsync", 0.0)
         phases["extract (hash | decrypt | zstd -d | tar)"] = time.monotonic() - started - fsync
         phases.update({f"cpu {stage}": seconds for stage, seconds in cpu.items()})
         phases.update(extracted)
         phases["fsync"] = fsync
-        jobs = self.cfg.postgres.jobs if self.cfg.postgres else 2
         if self.cfg.pitr:
-            self._recover_to_target(cipher, data, progress, jobs)
+            self._recover_to_target(cipher, data, progress, jobs, prestage)
             return
         log("postgres: starting a private server on the copy to replay its WAL and count rows")
         counts = physical.check_cluster(
@@ -659,20 +668,35 @@ class PostgresPhysicalRestore(StoreRestore):
                 f"{wal.describe_time(covered)} (archived WAL); nothing was changed"
             )
 
-    def _recover_to_target(self, cipher: Cipher, data: Path, progress: Progress, jobs: int) -> None:
-        segments = Path(tempfile.mkdtemp(prefix="rag-restore-wal-"))
+    def _recover_to_target(
+        self,
+        cipher: Cipher,
+        data: Path,
+        progress: Progress,
+        jobs: int,
+        prestage: WalPrestage | None,
+    ) -> None:
+        started = time.monotonic()
         try:
+            start = wal.backup_start_segment(data)  # now from the authenticated copy
+        except BaseException:
+            if prestage is not None:
+                prestage.discard()
+            raise
+        early = prestage.finish(start) if prestage is not None else None
+        if early is not None:
+            segments, count = early
+        else:
+            segments = Path(tempfile.mkdtemp(prefix="rag-restore-wal-"))
+        try:
+            if early is None:
+                count = wal.stage_segments(self.cfg.store, cipher, start, segments, progress, jobs)
+            self.phases["WAL segments decrypted (after extraction)"] = time.monotonic() - started
             if os.geteuid() == 0:
                 owner = data.stat()
                 os.chown(segments, owner.st_uid, owner.st_gid)
-            started = time.monotonic()
-            count = wal.stage_segments(
-                self.cfg.store, cipher, wal.backup_start_segment(data), segments, progress, jobs
-            )
-            self.phases["WAL segments decrypted"] = time.monotonic() - started
-            if os.geteuid() == 0:
                 for item in segments.iterdir():
-                    os.chown(item, data.stat().st_uid, data.stat().st_gid)
+                    os.chown(item, owner.st_uid, owner.st_gid)
             recovery = [f"restore_command=cp {segments}/%f %p", "recovery_target_action=promote"]
             if self.cfg.pg_target_time is not None:
                 when = wal.describe_time(self.cfg.pg_target_time)
@@ -720,6 +744,62 @@ class PostgresPhysicalRestore(StoreRestore):
         if self.staged is not None:
             shutil.rmtree(self.staged, ignore_errors=True)
             self.staged = None
+
+
+class WalPrestage:
+    """Point-in-time restore: decrypts the archived WAL while the base backup is still being
+    extracted (the two are independent; otherwise the segments wait for the whole
+    extraction). The start segment is read from the copy's backup_label as soon as tar has
+    written it (pg_basebackup puts it first). That file is not authenticated yet, so it is
+    opened without following a symlink or blocking on a FIFO, and it only chooses which of
+    our own archived segments (each checked against the WAL index) get decrypted: after
+    extraction ``finish`` compares it with the authenticated copy's and the caller stages
+    again on any difference."""
+
+    def __init__(
+        self, store: BackupStore, cipher: Cipher, data: Path, progress: Progress, jobs: int
+    ) -> None:
+        self.segments = Path(tempfile.mkdtemp(prefix="rag-restore-wal-"))
+        self._args = (store, cipher, data, progress, jobs)
+        self._extracted = threading.Event()
+        self._start: str | None = None
+        self._count = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="wal-prestage", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store, cipher, data, progress, jobs = self._args
+        try:
+            while not self._extracted.is_set():
+                start = physical.start_segment_early(data)
+                if start is None:
+                    self._extracted.wait(0.02)
+                    continue
+                self._start = start
+                self._count = wal.stage_segments(
+                    store, cipher, start, self.segments, progress, jobs
+                )
+                return
+        except BaseException as error:
+            self._error = error
+
+    def finish(self, start: str) -> tuple[Path, int] | None:
+        """The staged segments and their count if they were staged from ``start`` (the
+        authenticated backup_label's); otherwise None, and nothing of them is kept."""
+        self._extracted.set()
+        self._thread.join()
+        if self._error is None and self._start == start:
+            return self.segments, self._count
+        if self._error is not None:
+            log(f"postgres: WAL staged during extraction is not used ({self._error})")
+        self.discard()
+        return None
+
+    def discard(self) -> None:
+        self._extracted.set()
+        self._thread.join()
+        shutil.rmtree(self.segments, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- redis

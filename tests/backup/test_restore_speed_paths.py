@@ -177,3 +177,29 @@ def test_physical_restore_reports_each_phase_and_gives_the_backups_data(stack: S
         assert step in steps, (step, line)
     stack.pg.start_again()
     assert pg_snapshot(stack.pg) == before
+
+
+def test_start_segment_is_read_early_only_from_a_complete_regular_backup_label(
+    tmp_path: Path,
+) -> None:
+    """PITR decrypts the WAL while tar still writes the copy, starting from the copy's
+    backup_label before it is authenticated: a FIFO must not block, a symlink is not
+    followed, a half-written line gives nothing yet."""
+    data = tmp_path / "data"
+    data.mkdir()
+    outside = tmp_path / "label-elsewhere"
+    line = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+    outside.write_text(line)
+    assert physical.start_segment_early(data) is None  # not written yet
+    (data / "backup_label").symlink_to(outside)
+    assert physical.start_segment_early(data) is None
+    (data / "backup_label").unlink()
+    os.mkfifo(data / "backup_label")
+    found: list[str | None] = []
+    _within(WALK_TIMEOUT_S, lambda: found.append(physical.start_segment_early(data)))
+    assert found == [None]
+    (data / "backup_label").unlink()
+    (data / "backup_label").write_text(line[:50])
+    assert physical.start_segment_early(data) is None
+    (data / "backup_label").write_text(line)
+    assert physical.start_segment_early(data) == "000000010000000000000002"
