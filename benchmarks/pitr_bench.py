@@ -13,6 +13,10 @@ process-max 2). Then, timed:
                 pgBackRest: pg_switch_wal() until pg_stat_archiver reports the segment pushed.
                 Each sample after a burst of writes. The schedule adds up to one interval
                 (rag-backup's cycle every minute; archive_timeout=60 for pgBackRest).
+  RPO off-host  a commit, then how long until its WAL is archived, encrypted, at rest AND
+                copied off-host and read back (size, SHA-256): one wal-archive cycle, then
+                ``offsite wal-push`` to a real chrooted SFTP-only sshd on loopback (rclone),
+                as the scheduler runs them. rag-backup only (pgBackRest: no off-host here).
   restore       to a writable server (PostgreSQL started, recovery done, checks included):
                 rag-backup restore --pg-mode physical (newest base backup);
                 pgbackrest restore --type=immediate --target-action=promote
@@ -273,6 +277,49 @@ def pgbackrest_conf(root: Path, pg: PostgresServer, socket_dir: Path) -> Path:
     return conf
 
 
+def measure_offsite_rpo(
+    pg: PostgresServer, cli: list[str], env: dict[str, str], root: Path, samples: int
+) -> list[tuple[float, float]]:
+    """RPO to the off-host copy (issue 14 item 4): per sample (after ~16 MiB of writes), a
+    committed marker, then wal-archive and offsite wal-push back to back as the scheduler
+    runs them, to a real SFTP-only sshd on loopback. Returns (at rest locally, verified
+    off-host) seconds after the commit."""
+    from tests.offsite.conftest import sftp_server
+
+    print("RPO off-host samples (wal-archive + offsite wal-push to sshd on loopback):")
+    with sftp_server(root / "sftp") as target:
+        offsite_env = {**env, **target.env()}
+        run([*cli, "offsite", "wal-push", "--quiet"], offsite_env)  # untimed: the backlog
+        system = json.loads((root / "rag-backups" / "wal" / "index.json").read_text())
+        assert target.files is not None
+        remote_index = target.files / "wal" / str(system["system_identifier"]) / "index.json"
+        results: list[tuple[float, float]] = []
+        for sample in range(samples):
+            write_load(pg, 16)
+            mark(pg, f"offsite-rpo-{sample}")
+            committed = time.time()
+            run([*cli, "wal-archive", "--quiet"], env)
+            at_rest = time.time() - committed
+            run([*cli, "offsite", "wal-push", "--quiet"], offsite_env)
+            off_host = time.time() - committed
+            if json.loads(remote_index.read_text())["covered_until"] < committed:
+                raise SystemExit("the off-host WAL index does not cover the commit")
+            results.append((at_rest, off_host))
+            print(f"  sample {sample}: at rest {at_rest:.2f} s, verified off-host {off_host:.2f} s")
+    return results
+
+
+def print_offsite_rpo(results: list[tuple[float, float]]) -> None:
+    at_rest = [r[0] for r in results]
+    off_host = [r[1] for r in results]
+    print(
+        f"  RPO off-host commit -> archived, encrypted, at rest AND verified off-host (SFTP): "
+        f"median {statistics.median(off_host):.2f} s, max {max(off_host):.2f} s (at rest alone: "
+        f"median {statistics.median(at_rest):.2f} s); worst case with the {WAL_INTERVAL_S} s "
+        f"schedule {WAL_INTERVAL_S + max(off_host):.1f} s"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -400,6 +447,7 @@ def main() -> int:
                 f"  sample {sample}: rag-backup {ours_rpo[-1]:.2f} s, "
                 f"pgBackRest {pgbr_rpo[-1]:.2f} s"
             )
+        offsite_rpo = measure_offsite_rpo(pg, cli, env, root, args.rpo_samples)
         pg.psql("DELETE FROM markers", database=DATABASE)
 
         # WAL to replay for PITR: a quarter of the database written after the base backups.
@@ -550,6 +598,7 @@ def main() -> int:
                 f"{statistics.median(samples):.2f} s, max {max(samples):.2f} s; worst case "
                 f"with the {WAL_INTERVAL_S} s schedule {WAL_INTERVAL_S + max(samples):.1f} s"
             )
+        print_offsite_rpo(offsite_rpo)
         return 0
     finally:
         for server in servers:

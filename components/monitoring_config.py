@@ -1059,8 +1059,9 @@ def runbook_url(settings: MonitoringSettings, alert: str) -> str:
     return f"{settings.runbook_base_url}#{alert.lower()}"
 
 
-# --- WAL archiving alerts (issue 14): rag-backup wal-archive's rag_backup_wal.prom ----------
-# Self-contained: the spec, expressions and rules of these two alerts live here alone.
+# --- WAL archiving alerts (issue 14): rag-backup wal-archive's rag_backup_wal.prom and
+# offsite wal-push's rag_backup_offsite_wal.prom. Self-contained: the spec, expressions and
+# rules of these alerts live here alone.
 WAL_ARCHIVE_MAX_LAG_SECONDS = 300  # PostgreSQL's RPO target; a cycle runs every minute
 WAL_ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec(
@@ -1081,7 +1082,20 @@ WAL_ALERTS: tuple[AlertSpec, ...] = (
         "Every rag-backup wal-archive cycle for 3 minutes failed (rag_backup_wal_last_run_success "
         "== 0): no new WAL reaches the archive, and the replication slot holds it on the server.",
     ),
+    AlertSpec(
+        "OffsiteWalLagging",
+        "backups",
+        SEVERITY_TICKET,
+        "5m",
+        "PostgreSQL WAL proven off-host only up to {{ $value | humanizeDuration }} ago",
+        "Commits newer than this are not yet copied off the host and read back (size and "
+        "SHA-256): losing the host now would lose them (off-host target unreachable, failing, "
+        "or WAL archiving itself stopped).",
+    ),
 )
+# Off-host WAL: a copy every minute after each cycle; twice the local RPO target before a
+# ticket (a short outage of the target is not one).
+OFFSITE_WAL_MAX_LAG_SECONDS = 2 * WAL_ARCHIVE_MAX_LAG_SECONDS
 
 
 def _wal_expression(name: str) -> str:
@@ -1092,6 +1106,11 @@ def _wal_expression(name: str) -> str:
             f" > {WAL_ARCHIVE_MAX_LAG_SECONDS}"
         ),
         "WalArchiveFailing": f"max(rag_backup_wal_last_run_success{{{node}}}) == 0",
+        # No series (no off-host target) is no alert; a target never reached reports 0.
+        "OffsiteWalLagging": (
+            "time() - max(rag_backup_offsite_wal_archived_until_timestamp_seconds"
+            f"{{{node}}}) > {OFFSITE_WAL_MAX_LAG_SECONDS}"
+        ),
     }[name]
 
 

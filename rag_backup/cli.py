@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from rag_backup import __version__, metrics, offsite, ops, redis_ops, wal
+from rag_backup import __version__, metrics, offsite, ops, pitr, redis_ops, wal
 from rag_backup.crypto import CipherSettings
-from rag_backup.errors import BackupError
+from rag_backup.errors import BackupError, BadArgument
 from rag_backup.localpg import find_server_bin_dir
 from rag_backup.pg import PostgresSettings
 from rag_backup.physical import PhysicalTarget
@@ -225,6 +225,24 @@ def _add_chroma(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_target(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--target-time",
+        type=_utc_time("--target-time"),
+        default=None,
+        metavar="ISO-TIME",
+        help=f"{what} (ISO 8601 with a zone, e.g. 2026-11-30T17:00:00Z): the newest base "
+        "backup that ended before it and whose WAL, archived by wal-archive, reaches it; "
+        "a time outside the archive is refused with the archived range (exit code 2)",
+    )
+    parser.add_argument(
+        "--target",
+        choices=("latest",),
+        default=None,
+        help="'latest': the end of the archived WAL (point-in-time recovery)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rag-backup",
@@ -308,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and passes that exact id to verify and restore.",
     )
     resolve.add_argument("backup_id", nargs="?", metavar="ID", default="latest")
+    _add_target(resolve, "the base backup a point-in-time recovery to this time starts from")
     _add_common(resolve)
 
     list_parser = sub.add_parser(
@@ -386,21 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--pg-mode physical: PostgreSQL server binaries of the same major version "
         "(default: PATH, /usr/lib/postgresql/15/bin)",
     )
-    restore.add_argument(
-        "--target-time",
-        type=_utc_time("--target-time"),
-        default=None,
-        metavar="ISO-TIME",
-        help="--pg-mode physical: point-in-time recovery to this time (ISO 8601 with a zone, "
-        "e.g. 2026-11-30T17:00:00Z) from the newest base backup before it plus the WAL "
-        "archived by wal-archive",
-    )
-    restore.add_argument(
-        "--target",
-        choices=("latest",),
-        default=None,
-        help="--pg-mode physical: 'latest' recovers to the end of the archived WAL",
-    )
+    _add_target(restore, "--pg-mode physical: point-in-time recovery to this time")
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     wal_archive = sub.add_parser(
@@ -595,8 +600,19 @@ def _cmd_verify(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_resolve(args: argparse.Namespace, progress: Progress) -> int:
+    if _pitr_requested(args):
+        found = pitr.plan(_store(args), args.target_time, args.backup_id)
+        print(f"rag-backup: recoverable {found.window.describe()}", file=sys.stderr)
+        print(found.entry.backup_id)
+        return 0
     print(_store(args).get(args.backup_id).backup_id)
     return 0
+
+
+def _pitr_requested(args: argparse.Namespace) -> bool:
+    if args.target_time is not None and args.target is not None:
+        raise BadArgument("--target-time and --target latest exclude each other; give one")
+    return args.target_time is not None or args.target is not None
 
 
 def _cmd_list(args: argparse.Namespace, progress: Progress) -> int:
@@ -606,8 +622,7 @@ def _cmd_list(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace, progress: Progress) -> int:
-    if args.target_time is not None and args.target is not None:
-        raise BackupError("--target-time and --target latest exclude each other; give one")
+    _pitr_requested(args)
     store = _store(args)
     redis_target = None
     if args.redis_data_dir is not None:
@@ -717,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackupError as error:
         kill_all_children()
         print(f"rag-backup: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, BadArgument) else 1
     except OSError as error:
         kill_all_children()
         print(f"rag-backup: error: {error}", file=sys.stderr)

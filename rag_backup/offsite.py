@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag_backup import ops
+from rag_backup import offsite_wal, ops, wal
 from rag_backup.crypto import AGE_MAGIC, GPG_FIRST_BYTES
 from rag_backup.errors import BackupError
 from rag_backup.metrics import read_samples, write_atomic
@@ -50,6 +50,9 @@ from rag_backup.store import (
 from rag_backup.streams import CHUNK, file_sha256
 
 MARKER = "offsite-verified.json"
+# In a pulled local folder (never pushed: push sends the manifest's artifacts only): the
+# folder came from the target, so this host did not make it.
+PULLED = "offsite-pulled.json"
 METRICS_FILE = "rag_backup_offsite.prom"
 LAST_SUCCESS = "rag_backup_offsite_last_success_timestamp_seconds"
 LAST_RUN = "rag_backup_offsite_last_run_timestamp_seconds"
@@ -519,13 +522,18 @@ def push(target: Target, store: BackupStore, backup_id: str | None = None) -> li
 
 
 def prune_remote(
-    target: Target, policy: ops.RetentionPolicy, dry_run: bool, now: float | None = None
+    target: Target,
+    policy: ops.RetentionPolicy,
+    dry_run: bool,
+    now: float | None = None,
+    store: BackupStore | None = None,
 ) -> list[str]:
     """Apply the local retention policy to the remote copies, and keep every copy of the
     last ``policy.daily`` days besides: a rebuilt host's first backup (of a still empty
     stack) must not push the old host's last backup of the same day out of its daily
     slot. Nothing is deleted unless a kept remote copy is verified; incomplete or
-    unreadable folders are left alone."""
+    unreadable folders are left alone. Then the off-host WAL archived before the oldest
+    kept base backup (offsite_wal.prune_wal; ``store``: this host's record of it)."""
     now = time.time() if now is None else now
     rclone = Rclone(target)
     try:
@@ -552,6 +560,11 @@ def prune_remote(
             if not dry_run:
                 rclone.delete_backup(r.backup_id)
             removed.append(r.backup_id)
+        horizon = offsite_wal.oldest_kept_base_backup(
+            [r.as_entry() for r in complete if r.backup_id in kept]
+        )
+        if horizon is not None:
+            offsite_wal.prune_wal(rclone, horizon, dry_run, store)
         return removed
     finally:
         rclone.close()
@@ -560,9 +573,11 @@ def prune_remote(
 # --------------------------------------------------------------------------- pull
 
 
-def pull(target: Target, store: BackupStore, backup_id: str | None) -> str:
+def pull(target: Target, store: BackupStore, backup_id: str | None, with_wal: bool = False) -> str:
     """Download a remote backup (default: the newest verified one) into the store as a
-    complete backup folder, checked against its manifest before it appears there."""
+    complete backup folder, checked against its manifest before it appears there.
+    ``with_wal``: also the off-host WAL archived since it, for a point-in-time restore
+    (offsite_wal.alongside: fetched and checked before, installed after the backup)."""
     rclone = Rclone(target)
     try:
         remote = remote_backups(rclone)
@@ -571,14 +586,15 @@ def pull(target: Target, store: BackupStore, backup_id: str | None) -> str:
             if chosen is None:
                 raise BackupError(f"backup {backup_id} not found on {target.remote}")
         else:
-            usable = [r for r in remote if r.verified_ok]
-            if not usable:
-                raise BackupError(f"no verified backup on {target.remote}")
-            chosen = max(usable, key=lambda r: (r.as_entry().created_unix, r.backup_id))
+            chosen = newest_not_made_here(remote, store, target)
         if chosen.manifest is None:
             raise BackupError(f"remote backup {chosen.backup_id}: {chosen.problem}")
-        with store.lock("offsite pull"):
+        wal_pull = offsite_wal.alongside(rclone, store, chosen.manifest, with_wal)
+        with store.lock("offsite pull"), wal_pull:
             final = store.root / chosen.backup_id
+            if _pulled_before(final, chosen):
+                log(f"offsite: {chosen.backup_id} was pulled into {final} before; not again")
+                return chosen.backup_id
             if final.exists():
                 raise BackupError(
                     f"{final} already exists; restore from it, or move it away to pull again"
@@ -588,6 +604,8 @@ def pull(target: Target, store: BackupStore, backup_id: str | None) -> str:
             tmp.mkdir(mode=0o700)
             try:
                 _download_checked(rclone, chosen, tmp)
+                record = {"remote": target.remote, "manifest_sha256": chosen.manifest_sha256}
+                (tmp / PULLED).write_text(json.dumps(record))
                 fsync_dir(tmp)
                 os.rename(tmp, final)
                 fsync_dir(store.root)
@@ -598,6 +616,41 @@ def pull(target: Target, store: BackupStore, backup_id: str | None) -> str:
         return chosen.backup_id
     finally:
         rclone.close()
+
+
+def made_here(store: BackupStore, backup_id: str) -> bool:
+    """A complete local backup folder that was not pulled: this host made it."""
+    folder = store.root / backup_id
+    return (folder / MANIFEST).is_file() and not (folder / PULLED).is_file()
+
+
+def newest_not_made_here(
+    remote: list[RemoteBackup], store: BackupStore, target: Target
+) -> RemoteBackup:
+    """The newest verified remote copy this host did not make itself. On a rebuilt host
+    the scheduler's first run has already backed up the new, empty stores and copied
+    that off-host too: "latest" is then the lost host's newest copy, not that one."""
+    verified = [r for r in remote if r.verified_ok]
+    usable = [r for r in verified if not made_here(store, r.backup_id)]
+    for r in verified:
+        if r not in usable:
+            log(f"offsite: passing over {r.backup_id}: this host made it ({store.root})")
+    if not usable:
+        if verified:
+            raise BackupError(
+                f"every verified backup on {target.remote} was made on this host and is in "
+                f"{store.root}: restore it from there (restore-stack.sh), or name an ID"
+            )
+        raise BackupError(f"no verified backup on {target.remote}")
+    return max(usable, key=lambda r: (r.as_entry().created_unix, r.backup_id))
+
+
+def _pulled_before(final: Path, chosen: RemoteBackup) -> bool:
+    """``final`` is this remote copy, pulled by an earlier run (a retried restore)."""
+    if not (final / PULLED).is_file() or not (final / MANIFEST).is_file():
+        return False
+    _, local_sha = file_sha256(final / MANIFEST)
+    return local_sha == chosen.manifest_sha256
 
 
 def _download_checked(rclone: Rclone, chosen: RemoteBackup, tmp: Path) -> None:
@@ -683,6 +736,13 @@ def scheduled_steps() -> list[list[str]]:
     return []
 
 
+def scheduled_wal_steps() -> list[list[str]]:
+    """What the scheduler runs after each wal-archive cycle: only with a target set."""
+    if os.environ.get(ENV_REMOTE):
+        return [["offsite", "wal-push", "--quiet"]]
+    return []
+
+
 def _env_path(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else None
@@ -707,9 +767,13 @@ def add_offsite_parser(
         "verify": "read a remote copy back and check it against its manifest (default: the "
         "newest local backup's, else the newest remote one)",
         "prune": "delete remote copies outside the retention policy (never the only verified one)",
-        "pull": "download a remote backup (default: the newest verified) into BACKUP_DIR, "
-        "checked, for the normal restore",
+        "pull": "download a remote backup (default: the newest verified one this host did "
+        "not make) into BACKUP_DIR, checked, for the normal restore",
         "list": "list the remote copies",
+        "wal-push": "copy the archived WAL segments not yet off-host, read each back (size, "
+        "SHA-256), then the remote WAL index (the scheduler runs it after each wal-archive)",
+        "wal-verify": "read back every WAL segment this host copied off-host; a mismatch is "
+        "uploaded again by the next wal-push",
     }
     for action, text in helps.items():
         parser = actions.add_parser(action, help=text, description=text)
@@ -727,8 +791,16 @@ def add_offsite_parser(
         )
         if action in ("push", "verify", "pull"):
             parser.add_argument("backup_id", nargs="?", metavar="ID", help="backup id")
-        if action in ("push", "verify"):
+        if action in ("push", "verify", "wal-push", "wal-verify"):
             add_metrics(parser)
+        if action == "pull":
+            parser.add_argument(
+                "--with-wal",
+                action="store_true",
+                help="also the off-host WAL archived since the backup, checked, into "
+                "BACKUP_DIR/wal, for restore --pg-mode physical --target-time/--target latest "
+                "(BACKUP_DIR must not hold another cluster's WAL archive: use a fresh one)",
+            )
         if action == "prune":
             for period, default in (("daily", "7"), ("weekly", "4"), ("monthly", "6")):
                 env = f"RAG_BACKUP_KEEP_{period.upper()}"
@@ -769,14 +841,18 @@ def cmd_offsite(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     if action == "prune":
         policy = ops.RetentionPolicy(args.keep_daily, args.keep_weekly, args.keep_monthly)
-        removed = prune_remote(target, policy, args.dry_run)
+        removed = prune_remote(target, policy, args.dry_run, store=_store(args, required=False))
         print(f"{'would delete' if args.dry_run else 'deleted'} {len(removed)} remote backup(s)")
         return 0
     if action == "pull":
         store = _store(args, required=True)
         assert store is not None
-        print(pull(target, store, args.backup_id))
+        print(pull(target, store, args.backup_id, with_wal=args.with_wal))
         return 0
+    if action in ("wal-push", "wal-verify"):
+        store = _store(args, required=True)
+        assert store is not None
+        return _cmd_wal(args, target, store)
     if action == "push":
         store = _store(args, required=True)
         assert store is not None
@@ -791,6 +867,31 @@ def cmd_offsite(args: argparse.Namespace, progress: Progress) -> int:
         print(f"copied {len(pushed)} backup(s) off-host; newest verified there")
         return 0
     return _cmd_verify(args, target)
+
+
+def _cmd_wal(args: argparse.Namespace, target: Target, store: BackupStore) -> int:
+    rclone = Rclone(target)
+    ok, covered = False, None
+    try:
+        if args.offsite_command == "wal-verify":
+            count = offsite_wal.verify_wal(rclone, store)
+            ok = True
+            print(f"{count} off-host WAL segment(s) read back and verified")
+            return 0
+        result = offsite_wal.push_wal(rclone, store)
+        ok, covered = True, result.covered_until
+        until = wal.describe_time(covered) if covered is not None else "-"
+        print(f"copied {len(result.pushed)} WAL segment(s) off-host; complete there up to {until}")
+        return 0
+    finally:
+        rclone.close()
+        if args.metrics_dir is not None and (args.offsite_command == "wal-push" or not ok):
+            try:
+                offsite_wal.write_metrics(
+                    args.metrics_dir, success=ok, run_timestamp=time.time(), covered_until=covered
+                )
+            except OSError as error:
+                log(f"warning: cannot write metrics to {args.metrics_dir}: {error.strerror}")
 
 
 def _cmd_verify(args: argparse.Namespace, target: Target) -> int:

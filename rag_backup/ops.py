@@ -17,6 +17,7 @@ from rag_backup import __version__, chroma, metrics, pg, redis_ops, wal
 from rag_backup import physical as physical_mod
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
+from rag_backup.pitr import START_FIELD as WAL_START_FIELD
 from rag_backup.procs import kill_all_children
 from rag_backup.progress import Progress, human_bytes, log
 from rag_backup.store import (
@@ -145,6 +146,11 @@ def _backup_postgres(
             # Started after the snapshot was exported, so the copy is consistent at a point
             # between the snapshot's row counts and the counts taken after it ended.
             log("postgres: physical base backup of the cluster (pg_basebackup)")
+            # The WAL file the server writes now: the backup starts in it or a later one
+            # (point-in-time recovery checks the archive holds every segment from there).
+            physical[WAL_START_FIELD] = pg.psql_value(
+                settings, "SELECT pg_walfile_name(pg_current_wal_lsn())", settings.database
+            )
             name = PHYSICAL_ARTIFACT + (".gpg" if cfg.cipher.method == "gpg" else ".age")
             records["physical"] = write_encrypted(
                 name=name,
@@ -158,6 +164,10 @@ def _backup_postgres(
             )
             physical["row_counts_after"] = pg.row_counts(settings, settings.database)
             physical["user"] = pg.psql_value(settings, "SELECT current_user", settings.database)
+            # The cluster's lineage: which off-host WAL folder this base backup goes with.
+            physical["system_identifier"] = pg.psql_value(
+                settings, "SELECT system_identifier FROM pg_control_system()", settings.database
+            )
 
         tasks = (
             [count]

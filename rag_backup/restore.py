@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rag_backup import metrics
+from rag_backup import metrics, pitr
 from rag_backup.crypto import Cipher
 from rag_backup.errors import BackupError
 from rag_backup.ops import check_ciphertext, check_encryption_matches
@@ -30,7 +30,6 @@ from rag_backup.stores import (
     StoreRestore,
     SwapRollbackFailed,
     drills_for,
-    pitr_base_backup,
 )
 
 __all__ = ["DrillConfig", "RedisTarget", "RestoreConfig", "run_drill", "run_restore"]
@@ -124,7 +123,7 @@ def run_restore(cfg: RestoreConfig, progress: Progress) -> list[str]:
     on a failure after the first swap, every completed swap is undone and the error says
     what state every store is in."""
     if cfg.pitr and cfg.backup_id in (None, "latest"):
-        entry = pitr_base_backup(cfg.store, cfg.pg_target_time)
+        entry = pitr.plan(cfg.store, cfg.pg_target_time).entry
     else:
         entry = cfg.store.get(cfg.backup_id)
     check_encryption_matches(entry, cfg.cipher)

@@ -33,6 +33,7 @@ from pathlib import Path
 from rag_backup.cli import environment_problems
 from rag_backup.metrics import BACKUP_FILE, DRILL_FILE, read_samples, write_atomic
 from rag_backup.offsite import scheduled_steps as offsite_steps
+from rag_backup.offsite import scheduled_wal_steps as offsite_wal_steps
 
 SCHEDULER_FILE = "rag_backup_scheduler.prom"
 # Written by its own thread every HEARTBEAT_SECONDS, also while a long job runs.
@@ -275,15 +276,21 @@ def _beat_forever(metrics_dir: Path) -> None:
 
 
 def run_wal_archive(runner: Callable[[Sequence[str]], int] = _subprocess_runner) -> bool:
-    code = runner(["wal-archive", "--quiet"])
-    if code != 0:
-        print(f"rag-backup-schedule: rag-backup wal-archive failed (exit {code})", flush=True)
-    return code == 0
+    """One WAL cycle: wal-archive, then (with a target) the off-host copy of the new
+    segments, also after a failed cycle (it catches up on what is already at rest)."""
+    ok = True
+    for step in [["wal-archive", "--quiet"], *offsite_wal_steps()]:
+        code = runner(step)
+        if code != 0:
+            name = " ".join(s for s in step if not s.startswith("--"))
+            print(f"rag-backup-schedule: rag-backup {name} failed (exit {code})", flush=True)
+            ok = False
+    return ok
 
 
 def _wal_forever() -> None:
     while True:
-        run_wal_archive()  # its own metrics (rag_backup_wal.prom) report every cycle
+        run_wal_archive()  # its own metrics (rag_backup_wal.prom, _offsite_wal.prom) report
         time.sleep(WAL_INTERVAL_SECONDS)
 
 

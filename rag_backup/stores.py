@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rag_backup import chroma, pg, physical, redis_ops, wal
+from rag_backup import chroma, pg, physical, pitr, redis_ops, wal
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_of
 from rag_backup.manifest import CHROMA_KIND, PG_LOGICAL_KIND, PG_PHYSICAL_KIND, REDIS_KIND
+from rag_backup.pitr import backup_end_time
 from rag_backup.progress import Progress, log
 from rag_backup.store import BackupEntry, BackupStore, _writable_dir
 from rag_backup.streams import ExpectedCiphertext, copy_stream, decrypted_stream
@@ -585,6 +586,7 @@ class PostgresPhysicalRestore(StoreRestore):
         super().__init__(cfg, entry)
         self.staged: Path | None = None
         self.had_old = False
+        self.pitr_plan: pitr.Plan | None = None
 
     @property
     def target(self) -> physical.PhysicalTarget:
@@ -620,7 +622,9 @@ class PostgresPhysicalRestore(StoreRestore):
         extracted: dict[str, float] = {}
         jobs = self.cfg.postgres.jobs if self.cfg.postgres else 2
         prestage = (
-            WalPrestage(self.cfg.store, cipher, data, progress, jobs) if self.cfg.pitr else None
+            WalPrestage(self.cfg.store, cipher, data, progress, jobs, self._only())
+            if self.cfg.pitr
+            else None
         )
         try:
             with checked_plaintext(cipher, self.entry, item, self.name, cpu) as stream:
@@ -653,20 +657,12 @@ class PostgresPhysicalRestore(StoreRestore):
         log(f"postgres: physical copy consistent, {len(counts)} tables, row counts match")
 
     def _check_pitr_range(self) -> None:
-        _, covered = wal.archived_range(self.cfg.store)
-        if covered is None:
-            raise BackupError(
-                f"--target-time / --target: no WAL archive in {wal.wal_dir(self.cfg.store)} "
-                "(run rag-backup wal-archive); nothing was changed"
-            )
-        start = backup_end_time(self.entry)
-        wanted = self.cfg.pg_target_time
-        if wanted is not None and not start <= wanted <= covered:
-            raise BackupError(
-                f"--target-time {wal.describe_time(wanted)} is outside what is archived: "
-                f"{wal.describe_time(start)} (end of base backup {self.entry.backup_id}) .. "
-                f"{wal.describe_time(covered)} (archived WAL); nothing was changed"
-            )
+        # The archive reaches the target from this base backup, without a gap (pitr.py).
+        self.pitr_plan = pitr.plan(self.cfg.store, self.cfg.pg_target_time, self.entry.backup_id)
+
+    def _only(self) -> frozenset[str] | None:
+        """The segments the PITR plan needs (None: every one from the start segment)."""
+        return frozenset(self.pitr_plan.segments) if self.pitr_plan else None
 
     def _recover_to_target(
         self,
@@ -687,10 +683,12 @@ class PostgresPhysicalRestore(StoreRestore):
         if early is not None:
             segments, count = early
         else:
-            segments = Path(tempfile.mkdtemp(prefix="rag-restore-wal-"))
+            segments = wal_staging_dir(data)
         try:
             if early is None:
-                count = wal.stage_segments(self.cfg.store, cipher, start, segments, progress, jobs)
+                count = wal.stage_segments(
+                    self.cfg.store, cipher, start, segments, progress, jobs, only=self._only()
+                )
             self.phases["WAL segments decrypted (after extraction)"] = time.monotonic() - started
             if os.geteuid() == 0:
                 owner = data.stat()
@@ -746,6 +744,12 @@ class PostgresPhysicalRestore(StoreRestore):
             self.staged = None
 
 
+def wal_staging_dir(data: Path) -> Path:
+    """Beside the staged copy (the data volume): the segments may be many 16 MiB files,
+    more than a small /tmp holds."""
+    return Path(tempfile.mkdtemp(prefix=".rag-restore-wal-", dir=data.parent))
+
+
 class WalPrestage:
     """Point-in-time restore: decrypts the archived WAL while the base backup is still being
     extracted (the two are independent; otherwise the segments wait for the whole
@@ -757,10 +761,17 @@ class WalPrestage:
     again on any difference."""
 
     def __init__(
-        self, store: BackupStore, cipher: Cipher, data: Path, progress: Progress, jobs: int
+        self,
+        store: BackupStore,
+        cipher: Cipher,
+        data: Path,
+        progress: Progress,
+        jobs: int,
+        only: frozenset[str] | None,
     ) -> None:
-        self.segments = Path(tempfile.mkdtemp(prefix="rag-restore-wal-"))
+        self.segments = wal_staging_dir(data)
         self._args = (store, cipher, data, progress, jobs)
+        self._only = only
         self._extracted = threading.Event()
         self._start: str | None = None
         self._count = 0
@@ -778,7 +789,7 @@ class WalPrestage:
                     continue
                 self._start = start
                 self._count = wal.stage_segments(
-                    store, cipher, start, self.segments, progress, jobs
+                    store, cipher, start, self.segments, progress, jobs, only=self._only
                 )
                 return
         except BaseException as error:
@@ -1061,27 +1072,6 @@ class ChromaRestore(StoreRestore):
         if self.created_dir:
             with contextlib.suppress(OSError):
                 self.target.rmdir()  # only if still empty: nothing was swapped in
-
-
-def backup_end_time(entry: BackupEntry) -> float:
-    """When the base backup was consistent (start + the postgres component's duration)."""
-    duration = entry.manifest["components"]["postgres"].get("duration_seconds", 0)
-    return entry.created_unix + (float(duration) if isinstance(duration, int | float) else 0)
-
-
-def pitr_base_backup(store: BackupStore, target_time: float | None) -> BackupEntry:
-    """The newest base backup that ended before ``target_time`` (None: the newest)."""
-    candidates = [
-        e
-        for e in store.entries()
-        if not e.future
-        and "physical" in e.pg_forms
-        and (target_time is None or backup_end_time(e) <= target_time)
-    ]
-    if not candidates:
-        when = "" if target_time is None else f" that ended before {wal.describe_time(target_time)}"
-        raise BackupError(f"--target-time / --target: no base backup{when} in {store.root}")
-    return candidates[-1]
 
 
 def make_postgres(cfg: RestoreConfig, entry: BackupEntry) -> StoreRestore:

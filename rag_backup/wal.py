@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ SEGMENT = re.compile(r"[0-9A-F]{24}")
 SEGMENT_SIZE = 16 * 1024 * 1024  # the server default (initdb --wal-segsize)
 DEFAULT_SLOT = "rag_backup_wal"
 METRICS_FILE = "rag_backup_wal.prom"
+SUPERSEDED = ".superseded-"  # + the Unix time it was archived
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ def _archive_lock(directory: Path) -> Iterator[None]:
         handle.close()
 
 
+# Public for offsite_wal, which installs pulled WAL under the same lock.
+archive_lock = _archive_lock
+
+
 def _receivewal(cfg: WalArchiveConfig, *extra: str, timeout: float = 600) -> None:
     settings = cfg.postgres
     run(
@@ -121,14 +126,20 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
     success = False
     try:
         with _archive_lock(target), Cipher(cfg.cipher) as cipher:
-            _receivewal(cfg, "--create-slot", "--if-not-exists", timeout=120)
             database = cfg.postgres.database
+            _start_history_if_new_slot(cfg, target, database)
+            _receivewal(cfg, "--create-slot", "--if-not-exists", timeout=120)
             switched_at = time.time()
             # A commit stamped just after ``switched_at`` (txid_current() assigns an xid):
             # recovery to any time up to ``covered_until`` then finds a later commit and
             # reaches its target even on an idle database; its xid is the cycle's marker
             # (the drill checks it is committed in a copy recovered past it, absent before).
             marker = int(pg.psql_value(cfg.postgres, "SELECT txid_current()", database))
+            # The cluster's lineage (new at each initdb, kept by a physical restore): off-host
+            # copies keep each lineage apart, since a new cluster reuses segment names.
+            system = pg.psql_value(
+                cfg.postgres, "SELECT system_identifier FROM pg_control_system()", database
+            ).strip()
             pg.psql_value(cfg.postgres, "SELECT pg_switch_wal()", database)
             end_lsn = pg.psql_value(cfg.postgres, "SELECT pg_current_wal_lsn()", database)
             # pg_receivewal stops only once it receives WAL *past* --endpos; right after a
@@ -139,12 +150,13 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
             index = read_index(cfg.store)
             for path in sorted(cfg.spool.iterdir()):
                 if SEGMENT.fullmatch(path.name) and path.stat().st_size == SEGMENT_SIZE:
-                    _archive_segment(cfg, cipher, path, index, progress)
+                    _archive_segment(cfg, cipher, path, index, progress, system)
                     archived.append(path.name)
                 elif path.name.endswith(".partial"):
                     # Beyond --endpos nothing was received; the slot resends from there.
                     path.unlink()
             index["covered_until"] = switched_at
+            index["system_identifier"] = system
             index["end_lsn"] = end_lsn
             cycles = index.setdefault("cycles", [])
             cycles.append({"at": switched_at, "xid": marker, "end_lsn": end_lsn})
@@ -166,18 +178,44 @@ def archive_once(cfg: WalArchiveConfig, progress: Progress) -> list[str]:
     return archived
 
 
+def _start_history_if_new_slot(cfg: WalArchiveConfig, target: Path, database: str) -> None:
+    """A missing slot means a WAL history the archive has not followed: the first run, or
+    a cluster restored or replaced since (a base backup copies no slots). Its segments may
+    carry names the archive already holds from before; ``history_started`` (written before
+    the slot is made) tells them from segments the slot resends after a crash, and
+    ``histories`` (every such start) where one base backup's WAL chain ends (``pitr``)."""
+    slot = pg.quote_literal(cfg.slot)
+    query = f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = {slot}"  # noqa: S608
+    exists = pg.psql_value(cfg.postgres, query, database)
+    if exists == "0":
+        index = read_index(cfg.store)
+        index["history_started"] = time.time()
+        index.setdefault("histories", []).append(index["history_started"])
+        write_json_atomic(target / INDEX, index)
+
+
 def _archive_segment(
     cfg: WalArchiveConfig,
     cipher: Cipher,
     path: Path,
     index: dict[str, Any],
     progress: Progress,
+    system: str,
 ) -> None:
     name = path.name
     out = wal_dir(cfg.store) / segment_file(name, cfg.cipher)
-    if name in index["segments"] and out.exists():
-        path.unlink()  # resent by the slot after a crash: the archived copy stands
-        return
+    previous = index["segments"].get(name)
+    if previous is not None and out.exists():
+        archived_at = float(previous.get("archived_at", 0))
+        if archived_at >= float(index.get("history_started", 0)):
+            path.unlink()  # resent by the slot after a crash: the archived copy stands
+            return
+        # Another history's segment under this name: kept aside (it serves only backups of
+        # that history, which point-in-time recovery then refuses past it), never overwritten.
+        aside = out.with_name(f"{out.name}{SUPERSEDED}{int(archived_at)}")
+        os.rename(out, aside)
+        index.setdefault("superseded", []).append({**previous, "file": aside.name, "name": name})
+        log(f"wal: {name} of an earlier history kept as {aside.name}")
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.unlink(missing_ok=True)
 
@@ -202,6 +240,7 @@ def _archive_segment(
         "size": record.size,
         "sha256": record.sha256,
         "archived_at": time.time(),
+        "system_identifier": system,
     }
     path.unlink()
 
@@ -255,6 +294,11 @@ def prune_segments(store: BackupStore, oldest_base_backup_start: float, dry_run:
         if dry_run or not doomed:
             return doomed
         files = [str(index["segments"].pop(name).get("file", "")) for name in doomed]
+        # Earlier histories' segments go by the same rule.
+        superseded = [r for r in index.get("superseded", []) if isinstance(r, dict)]
+        old = [r for r in superseded if float(r.get("archived_at", 0)) < oldest_base_backup_start]
+        index["superseded"] = [r for r in superseded if r not in old]
+        files += [str(r.get("file", "")) for r in old]
         index["cycles"] = [
             c for c in index.get("cycles", []) if float(c.get("at", 0)) >= oldest_base_backup_start
         ]
@@ -292,14 +336,18 @@ def stage_segments(
     target: Path,
     progress: Progress,
     jobs: int = 2,
+    only: Collection[str] | None = None,
 ) -> int:
-    """Decrypt every archived segment from ``start`` (same timeline) into ``target``,
-    checking each one's size and SHA-256 against the index. Returns how many.
+    """Decrypt every archived segment from ``start`` (same timeline; of those, ``only`` the
+    named ones when given) into ``target``, checking each one's size and SHA-256 against the
+    index. Returns how many.
 
     ``jobs`` segments at a time: each decryption is its own process whose fixed cost (gpg's
     passphrase key derivation, ~0.4 s) dwarfs a 16 MiB segment's, so they run side by side."""
     index = read_index(store)
     names = [n for n in sorted(index["segments"]) if n[:8] == start[:8] and n >= start]
+    if only is not None:
+        names = [n for n in names if n in only]
 
     def stage(name: str) -> None:
         record = index["segments"][name]

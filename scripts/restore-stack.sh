@@ -3,7 +3,17 @@
 #
 #   bash scripts/restore-stack.sh STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical]
 #                                       [--key-volume VOLUME] [--components LIST] [--yes]
+#                                       [--target-time ISO-TIME | --target latest]
 # --components: e.g. postgres or redis,chroma (default: every store in the backup).
+# --target-time 2026-11-30T16:59:00Z (a zone is required) / --target latest: point-in-time
+# recovery of PostgreSQL: the newest base backup that ended before the time, plus the WAL
+# the backup job archives every minute, replayed up to the time (latest: to the end of the
+# archive). Resolved and range-checked before anything stops: a time the archive does not
+# reach exits 2 with the archived ranges, nothing stopped. PostgreSQL only by default:
+# Redis and Chroma have no log to replay, so they could only go back to the base backup's
+# own time — hours before the target, losing what was written since in stores a bad
+# migration did not touch. --components postgres,redis,chroma adds them from that same
+# base backup, with a warning. Implies the physical mode: not with --logical or --from.
 # --key-volume: a volume holding secrets/backup_passphrase, for backups made under another
 # key (a host rebuilt from nothing, docs/disaster_recovery.md).
 #
@@ -28,10 +38,11 @@
 # RAG_NAME_PREFIX (default rag-) is the prefix of the stack's container and volume names.
 set -euo pipefail
 
-usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--components LIST] [--yes]" >&2; exit 2; }
+usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--components LIST] [--yes] [--target-time ISO-TIME | --target latest]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 stack="$1"; shift
 source_stack="$stack"; backup_id=""; assume_yes=""; force_logical=""; key_volume=""; components=()
+target=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) source_stack="${2:?}"; shift 2 ;;
@@ -39,7 +50,11 @@ while [ $# -gt 0 ]; do
     --yes) assume_yes=1; shift ;;
     --logical) force_logical=1; shift ;;
     --key-volume) key_volume="${2:?}"; shift 2 ;;
-    --components) components=(--components "${2:?}"); shift 2 ;;
+    --components) components=(--components "${2:?}"); components[1]="${components[1]// /}"; shift 2 ;;
+    --target-time) target=(--target-time "${2:?}"); shift 2 ;;
+    --target)
+      [ "${2:-}" = latest ] || { echo "restore-stack: --target '${2:-}': expected latest (or --target-time ISO-TIME)" >&2; exit 2; }
+      target=(--target latest); shift 2 ;;
     *) usage ;;
   esac
 done
@@ -48,6 +63,16 @@ for s in "$stack" "$source_stack"; do
 done
 if [ "$stack" = prod ] && [ "$source_stack" != prod ]; then
   echo "restore-stack: refusing to restore $source_stack's data into prod" >&2; exit 2
+fi
+if [ ${#target[@]} -gt 0 ]; then
+  # A point in time exists only in the WAL of the stack's own cluster, replayed physically.
+  [ -z "$force_logical" ] || { echo "restore-stack: ${target[0]} is a physical point-in-time recovery; it cannot be combined with --logical" >&2; exit 2; }
+  [ "$source_stack" = "$stack" ] || { echo "restore-stack: ${target[0]} recovers $stack's own PostgreSQL from its own WAL archive; it cannot be combined with --from $source_stack" >&2; exit 2; }
+  [ ${#components[@]} -gt 0 ] || components=(--components postgres)
+  case ",${components[1]}," in
+    *,postgres,*) ;;
+    *) echo "restore-stack: ${target[0]} needs postgres in --components (got '${components[1]}')" >&2; exit 2 ;;
+  esac
 fi
 prefix="${RAG_NAME_PREFIX:-rag-}"
 [[ "$prefix" =~ ^[a-z0-9][a-z0-9-]*-$ ]] || { echo "restore-stack: RAG_NAME_PREFIX '$prefix' must be lowercase letters, digits and dashes ending in '-'" >&2; exit 2; }
@@ -70,6 +95,9 @@ pgdata=$(docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$(
 pg_mode=logical
 if [ -z "$force_logical" ] && [ "${pgdata#"$pg_mount"/}" != "$pgdata" ]; then
   pg_mode=physical
+fi
+if [ ${#target[@]} -gt 0 ] && [ "$pg_mode" != physical ]; then
+  echo "restore-stack: ${target[0]} needs the physical mode: $stack's PGDATA ($pgdata) must be a subdirectory of $pg_mount" >&2; exit 2
 fi
 # The job's environment holds settings and file paths only (secrets are files).
 mapfile -t job_env < <(docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$backup_container" | grep -E '^(PG|REDIS_|CHROMA_DIR|BACKUP_DIR|RAG_BACKUP_)' | grep -v -E '^(RAG_BACKUP_KEY_FILE|RAG_BACKUP_STATE_DIR|PGDATA)=' || true)
@@ -121,14 +149,32 @@ run_job() {
     --env REDIS_DATA_DIR=/redis-data --entrypoint python3 "$image" -m rag_backup "$@"
 }
 
-# "latest" is resolved once: the backup verified and confirmed is the one restored.
-resolved=$(run_job "$job_user" resolve "${backup_id:-latest}")
+# "latest" is resolved once: the backup verified and confirmed is the one restored. With a
+# target, resolve also checks the WAL archive reaches it from that backup (exit 2 if not).
+resolve_code=0
+resolved=$(run_job "$job_user" resolve "${backup_id:-latest}" "${target[@]}") || resolve_code=$?
+if [ "$resolve_code" != 0 ]; then
+  echo "restore-stack: no backup to restore (rag-backup resolve said why, above); nothing was stopped or changed" >&2
+  [ "$resolve_code" = 2 ] && exit 2
+  exit 1
+fi
 [[ "$resolved" =~ ^[0-9A-Za-z_-]+$ ]] || { echo "restore-stack: rag-backup resolve gave '$resolved'" >&2; exit 1; }
 echo "restore-stack: verifying backup $resolved of $source_stack"
 run_job "$job_user" verify "$resolved"
 
+what="PostgreSQL, Redis and Chroma data"
+[ ${#components[@]} -eq 0 ] || what="${components[1]} data"
+if [ ${#target[@]} -gt 0 ]; then
+  when="${target[1]}"; [ "$when" = latest ] && when="the end of the WAL archive"
+  what="$what with base backup $resolved recovered to $when"
+  case ",${components[1]}," in
+    *,redis,*|*,chroma,*) echo "restore-stack: warning: Redis and Chroma have no log to replay: they come back as of base backup $resolved itself, not $when; what was written to them since is replaced" >&2 ;;
+  esac
+else
+  what="$what with backup $resolved of $source_stack"
+fi
 if [ -z "$assume_yes" ]; then
-  read -r -p "Replace $stack's PostgreSQL, Redis and Chroma data with backup $resolved of $source_stack? Type the stack name: " answer
+  read -r -p "Replace $stack's $what? Type the stack name: " answer
   [ "$answer" = "$stack" ] || { echo "restore-stack: not confirmed; nothing changed" >&2; exit 1; }
 fi
 
@@ -139,7 +185,12 @@ owner_of() { # volume -> uid:gid of its root
 redis_owner=$(owner_of "$redis_volume")
 chroma_owner=$(owner_of "$chroma_volume")
 
-stop=("$(n "$stack" api)" "$backup_container" "$(n "$stack" redis)")
+restores() { # store -> whether this restore replaces it (no --components: every store)
+  case ",${components[1]:-postgres,redis,chroma}," in *,"$1",*) return 0 ;; esac
+  return 1
+}
+stop=("$(n "$stack" api)" "$backup_container")
+restores redis && stop+=("$(n "$stack" redis)")  # else Redis keeps running
 pg_args=(--pg-mode "$pg_mode")
 if [ "$pg_mode" = physical ]; then
   stop+=("$(n "$stack" postgres)")
@@ -170,15 +221,18 @@ echo "restore-stack: stopping ${stop[*]} (PostgreSQL restore: $pg_mode)"
 docker stop "${stop[@]}" >/dev/null || bring_back "stopping the services failed"
 
 echo "restore-stack: restoring backup $resolved"
-if ! run_job 0:0 restore "$resolved" "${components[@]}" --yes --staging-dir /scratch "${pg_args[@]}" \
-  --redis-data-dir /redis-data --redis-server-cmd redis-server; then
+if ! run_job 0:0 restore "$resolved" "${components[@]}" "${target[@]}" --yes --staging-dir /scratch \
+  "${pg_args[@]}" --redis-data-dir /redis-data --redis-server-cmd redis-server; then
   # rag-backup is all-or-nothing: it swapped nothing, or undid its swaps (its output says).
   bring_back "restore of $resolved failed (rag-backup's output above says what it left)"
 fi
+give_back=true  # the restored files to their services' users (Redis, Chroma; not a running one)
+restores redis && give_back="$give_back && chown -R $redis_owner /redis-data"
+restores chroma && give_back="$give_back && chown -R $chroma_owner /chroma"
 docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN --cap-add DAC_READ_SEARCH \
   --mount "type=volume,source=$redis_volume,target=/redis-data" \
   --mount "type=volume,source=$chroma_volume,target=/chroma" \
-  --entrypoint sh "$image" -c "chown -R $redis_owner /redis-data && chown -R $chroma_owner /chroma" \
+  --entrypoint sh "$image" -c "$give_back" \
   || bring_back "giving the restored files back to their owners failed (the data is restored)"
 
 wait_healthy() { # container -> 0 once healthy (5 min at most); prints the last state
@@ -211,4 +265,4 @@ done
 for container in "${start_order[@]}"; do
   state=$(wait_healthy "$container") || bring_back "$container is $state after the restore; see docs/disaster_recovery.md (rollback)"
 done
-echo "restore-stack: $stack restored from $source_stack's backup $resolved and healthy"
+echo "restore-stack: $stack restored from $source_stack's backup $resolved${target[1]:+ (PostgreSQL to ${target[1]})} and healthy"

@@ -78,13 +78,16 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     (wal / "index.json").write_text(json.dumps(index))
     assert bad.returncode == 1
     assert "postgres (PITR): the marker of" in bad.stderr, bad.stderr
+    # The failed drill is the backup's last verification record, and a PITR passes over such
+    # a backup; the failure was the tampering's (the index is intact again): drop the record.
+    (stack.backup_dir / backup.stdout.strip() / "verification.json").unlink()
 
     # Outside the archived range: refused with the range, nothing touched.
     stack.pg.shutdown()
     physical = ["--components", "postgres", "--pg-mode", "physical"]
     physical += ["--pg-data-dir", str(stack.pg.data_dir), "--yes"]
     too_late = run_cli(["restore", *physical, "--target-time", "2030-01-01T00:00:00Z"], stack.env)
-    assert too_late.returncode == 1
+    assert too_late.returncode == 2  # a bad argument, refused before anything is touched
     assert "is outside what is archived" in too_late.stderr
     assert ".. " in too_late.stderr and "nothing was changed" in too_late.stderr
 

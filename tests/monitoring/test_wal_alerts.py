@@ -1,7 +1,9 @@
-"""WalArchiveLagging and WalArchiveFailing, as rendered into alerts.yml, run by the real
-``promtool test rules`` on series shaped like rag_backup_wal.prom's (node_exporter's textfile
-collector): each fires when its condition has held for its ``for``, and stays silent on a
-healthy archiver, on one failed cycle, and where WAL archiving is off (no series)."""
+"""WalArchiveLagging, WalArchiveFailing and OffsiteWalLagging, as rendered into alerts.yml,
+run by the real ``promtool test rules`` on series shaped like rag_backup_wal.prom's and
+rag_backup_offsite_wal.prom's (node_exporter's textfile collector): each fires when its
+condition has held for its ``for``, and stays silent on a healthy archiver, on one failed
+cycle, on a short outage of the off-host target, and where WAL archiving or the off-host
+target is off (no series)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.integration
 NODE = 'job="node-exporter",instance="rag-staging-node-exporter:9100"'
 ARCHIVED_UNTIL = f"rag_backup_wal_archived_until_timestamp_seconds{{{NODE}}}"
 LAST_RUN = f"rag_backup_wal_last_run_success{{{NODE}}}"
+OFFSITE_UNTIL = f"rag_backup_offsite_wal_archived_until_timestamp_seconds{{{NODE}}}"
 SEVERITY = {a.name: a.severity for a in WAL_ALERTS}
 MINUTE = 60
 
@@ -64,6 +67,35 @@ CASES: list[tuple[str, str, dict[str, str], list[int], list[int]]] = [
         [],
     ),
     ("WalArchiveFailing", "archiving off: no series", {}, [10 * MINUTE, 60 * MINUTE], []),
+    (
+        "OffsiteWalLagging",
+        "target unreachable from 10 min",  # lag passes 10 min at 20 min, `for` 5m
+        {OFFSITE_UNTIL: "0+60x10 600x40", ARCHIVED_UNTIL: "0+60x50"},
+        [15 * MINUTE, 20 * MINUTE, 24 * MINUTE],
+        [26 * MINUTE, 45 * MINUTE],
+    ),
+    (
+        "OffsiteWalLagging",
+        "copies keep up, one minute behind the local archive",
+        {OFFSITE_UNTIL: "0 0+60x60", ARCHIVED_UNTIL: "0+60x60"},
+        [5 * MINUTE, 30 * MINUTE, 59 * MINUTE],
+        [],
+    ),
+    (
+        "OffsiteWalLagging",
+        "a 7-minute outage of the target, then it catches up",
+        {OFFSITE_UNTIL: "0+60x10 600x7 1080+60x30", ARCHIVED_UNTIL: "0+60x50"},
+        [15 * MINUTE, 17 * MINUTE, 20 * MINUTE, 40 * MINUTE],
+        [],
+    ),
+    (
+        "OffsiteWalLagging",
+        "the target never worked (0)",  # promtool's clock starts at 0: lag = the time
+        {OFFSITE_UNTIL: "0x40", ARCHIVED_UNTIL: "0+60x40"},
+        [5 * MINUTE, 15 * MINUTE],
+        [17 * MINUTE, 30 * MINUTE],
+    ),
+    ("OffsiteWalLagging", "no off-host target: no series", {}, [10 * MINUTE, 60 * MINUTE], []),
 ]
 
 

@@ -5,6 +5,7 @@ the config the program renders (``components.offsite``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -55,12 +56,13 @@ def _keygen(path: Path) -> None:
     )
 
 
-@pytest.fixture
-def sftp_target(tmp_path: Path) -> Iterator[Target]:
+@contextlib.contextmanager
+def sftp_server(work: Path) -> Iterator[Target]:
+    """A real OpenSSH sshd on loopback, SFTP only, chrooted, key login, its host key pinned
+    in the rendered rclone config (also used by benchmarks/pitr_bench.py)."""
     sshd = require_tool("sshd")
     require_tool("rclone")
-    work = tmp_path / "sshd"
-    work.mkdir()
+    work.mkdir(parents=True, exist_ok=True)
     host_key, client_key = work / "host_key", work / "client_key"
     _keygen(host_key)
     _keygen(client_key)
@@ -119,6 +121,12 @@ def sftp_target(tmp_path: Path) -> Iterator[Target]:
         if proc.returncode not in (0, -15, 255):
             print(log_tail(log), file=sys.stderr)
         shutil.rmtree(chroot, ignore_errors=True)
+
+
+@pytest.fixture
+def sftp_target(tmp_path: Path) -> Iterator[Target]:
+    with sftp_server(tmp_path / "sshd") as target:
+        yield target
 
 
 def _moto_server() -> str | None:

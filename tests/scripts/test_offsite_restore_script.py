@@ -24,7 +24,9 @@ FAKE = FAKE_DOCKER.replace(
 )
 
 
-def run(tmp_path: Path, *args: str, stdin: str = "") -> tuple[int, list[str], str]:
+def run(
+    tmp_path: Path, *args: str, stdin: str = "", prefix: str | None = None
+) -> tuple[int, list[str], str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "docker").write_text(FAKE)
@@ -38,6 +40,8 @@ def run(tmp_path: Path, *args: str, stdin: str = "") -> tuple[int, list[str], st
         "FAIL_ON": "",
         "FAKE_PGDATA": "/var/lib/postgresql/data/pgdata",
     }
+    if prefix is not None:
+        env["RAG_NAME_PREFIX"] = prefix
     proc = subprocess.run(
         ["bash", str(SCRIPT), *args],
         input=stdin,
@@ -85,4 +89,11 @@ def test_bad_input_is_refused_before_docker(
     code, calls, err = run(tmp_path, *args)
     assert code == 2
     assert message in err
+    assert calls == []
+
+
+def test_a_bad_name_prefix_is_refused_before_docker(tmp_path: Path) -> None:
+    code, calls, err = run(tmp_path, "prod", "--yes", prefix="Rag_")
+    assert code == 2
+    assert "RAG_NAME_PREFIX 'Rag_'" in err
     assert calls == []

@@ -34,7 +34,7 @@ case "$1 $*" in
   *"{{.State.ExitCode}}"*) echo 0 ;;
   *"-c %u:%g"*) echo 999:1000 ;;
 esac
-if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit 1; fi
+if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit "${FAIL_CODE:-1}"; fi
 exit 0
 """
 
@@ -45,6 +45,7 @@ def run_script(
     stdin: str = "",
     fail_on: str = "",
     pgdata: str = "/var/lib/postgresql/data/pgdata",
+    fail_code: int = 1,
 ) -> tuple[int, list[str], str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -59,6 +60,7 @@ def run_script(
         "DOCKER_LOG": str(log),
         "FAIL_ON": fail_on,
         "FAKE_PGDATA": pgdata,
+        "FAIL_CODE": str(fail_code),
     }
     proc = subprocess.run(
         ["bash", str(SCRIPT), *args],
@@ -188,3 +190,56 @@ def test_a_failed_restore_brings_the_stopped_services_back(tmp_path: Path) -> No
         "rag-staging-postgres",
     }
     assert not any("chown" in c for c in calls[restore:])
+
+
+TARGET = "2026-11-30T16:59:00Z"
+
+
+def test_target_time_restores_postgres_only_and_leaves_redis_running(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--target-time", TARGET, "--yes")
+    assert code == 0, err
+    resolve = index(calls, "-m rag_backup resolve")
+    assert calls[resolve].endswith(f"resolve latest --target-time {TARGET}")
+    assert resolve < index(calls, "-m rag_backup verify") < index(calls, "stop ")
+    restore = calls[index(calls, "-m rag_backup restore")]
+    assert f"restore 20261124T030000Z --components postgres --target-time {TARGET}" in restore
+    assert "--pg-mode physical" in restore
+    stop = calls[index(calls, "stop ")]
+    assert "rag-staging-postgres" in stop and "rag-staging-redis" not in stop
+    assert not any("chown -R 999:1000" in c for c in calls)  # Redis/Chroma not touched
+
+
+def test_target_time_with_redis_warns_that_it_comes_from_the_base_backup(tmp_path: Path) -> None:
+    args = ("--target", "latest", "--components", "postgres,redis", "--yes")
+    code, calls, err = run_script(tmp_path, "staging", *args)
+    assert code == 0, err
+    assert "warning: Redis and Chroma have no log to replay" in err
+    assert "rag-staging-redis" in calls[index(calls, "stop ")]
+    assert (
+        "--components postgres,redis --target latest"
+        in calls[index(calls, "-m rag_backup restore")]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--logical",), "cannot be combined with --logical"),
+        (("--from", "prod"), "cannot be combined with --from prod"),
+        (("--components", "redis"), "needs postgres in --components"),
+    ],
+)
+def test_target_time_refuses_what_it_cannot_mean_before_any_docker_call(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--target-time", TARGET, *args, "--yes")
+    assert (code, calls) == (2, []), err
+    assert message in err
+
+
+def test_a_target_outside_the_archive_exits_2_before_anything_stops(tmp_path: Path) -> None:
+    args = ("staging", "--target-time", TARGET, "--yes")
+    code, calls, err = run_script(tmp_path, *args, fail_on="rag_backup resolve", fail_code=2)
+    assert code == 2, err
+    assert "nothing was stopped" in err
+    assert not any(c.startswith(("stop", "start")) or "rag_backup verify" in c for c in calls)

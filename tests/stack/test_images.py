@@ -91,3 +91,23 @@ def test_redis_entrypoint_runs_the_server_as_redis_in_data(
     assert working_dir.split() == ["dir", "/data"]
     owners = docker_cli.run("exec", container_name, "sh", "-c", "stat -c %u:%g /data/*")
     assert set(owners.split()) == {"999:1000"}, owners
+
+
+def test_the_demo_api_stops_on_docker_stop_instead_of_being_killed(
+    docker_cli: DockerCli, local_images: LocalImages, container_name: str
+) -> None:
+    """As PID 1 the api gets SIGTERM with no default action: it must exit by itself, or
+    every restore-stack.sh stop and host shutdown waits the grace period and kills it."""
+    docker_cli.run(
+        "run", "-d", "--name", container_name, "--network", "none", local_images.app()
+    )  # fmt: skip
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    health = "http://127.0.0.1:8000/health"
+    probe = ["python", "-c", f"import urllib.request; urllib.request.urlopen('{health}')"]
+    while docker_cli.call("exec", container_name, *probe).returncode != 0:
+        assert time.monotonic() < deadline, docker_cli.call("logs", container_name).stderr
+        time.sleep(0.5)
+    docker_cli.run("stop", "--time", "60", container_name, timeout=120)
+    state = docker_cli.inspect("container", container_name)["State"]
+    # Killed after the grace period would be 137 (SIGKILL).
+    assert state["ExitCode"] == 0, state

@@ -7,6 +7,7 @@ in order against them; each scenario leaves both stacks healthy for the next.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -176,6 +177,70 @@ def test_restore_staging_from_prod_brings_prods_data_and_only_its_passphrase(
     # Prod untouched: still healthy, its data still there.
     assert all_healthy(stacks, "prod") == prod_state
     assert marker(stacks, "prod", "GET", "from-prod") == PRESENT
+
+
+def archive_wal_now(stacks: Stacks, stack: str) -> None:
+    """One `rag-backup wal-archive` cycle in the backup container, as an operator runs it
+    rather than waiting for the scheduler's next minute (retried while the scheduler's own
+    cycle holds the archive's lock)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = stacks.applier.docker.call(
+            "exec", stacks.name(stack, "backup"), "python3", "-m", "rag_backup", "wal-archive",
+            timeout=300,
+        )  # fmt: skip
+        err = done.stderr.decode(errors="replace")
+        if done.returncode == 0:
+            return
+        assert "another wal-archive run holds" in err and time.monotonic() < deadline, err[-3000:]
+        time.sleep(2)
+
+
+def started_at(stacks: Stacks, stack: str) -> dict[str, str]:
+    return {
+        name: stacks.applier.docker.inspect("container", name)["State"]["StartedAt"]
+        for name in stacks.applied[stack].containers.values()
+    }
+
+
+def test_restore_staging_to_a_time_between_two_markers_brings_postgres_back_to_it(
+    stacks: Stacks,
+) -> None:
+    """The bad migration at 17:00: PostgreSQL back to a time just before it, from the base
+    backup before that time plus the WAL archive. Redis and Chroma keep their data."""
+    # A restored cluster has no replication slot until the scheduler's first cycle after
+    # the restore (a base backup copies none): one cycle now, so the backup's WAL is kept.
+    archive_wal_now(stacks, "staging")
+    assert marker(stacks, "staging", "PUT", "pitr-a") == PRESENT
+    take_backup(stacks, "staging")
+    assert marker(stacks, "staging", "PUT", "pitr-b") == PRESENT
+    time.sleep(1.5)
+    target = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+    time.sleep(1.5)
+    assert marker(stacks, "staging", "PUT", "pitr-c") == PRESENT
+    archive_wal_now(stacks, "staging")
+    assert marker(stacks, "prod", "PUT", "pitr-prod") == PRESENT
+    prod_state = all_healthy(stacks, "prod")
+
+    # A time the archive does not reach: exit 2 with the archived range, nothing stopped.
+    before = started_at(stacks, "staging")
+    refused = restore_stack(stacks, "staging", "--target-time", "2001-02-03T04:05:06Z", "--yes")
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-3000:]
+    assert "--target-time 2001-02-03T04:05:06+00:00 is outside what is archived" in refused.stderr
+    assert "expected a time in 20" in refused.stderr and "(base backup 20" in refused.stderr
+    assert "nothing was stopped" in refused.stderr
+    assert started_at(stacks, "staging") == before
+
+    done = restore_stack(stacks, "staging", "--target-time", target, "--yes")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    assert marker(stacks, "staging", "GET", "pitr-a") == PRESENT
+    assert marker(stacks, "staging", "GET", "pitr-b") == PRESENT
+    # Only PostgreSQL went back in time: Redis and Chroma still hold the later marker.
+    assert marker(stacks, "staging", "GET", "pitr-c") == {**PRESENT, "postgres": "absent"}
+    assert set(all_healthy(stacks, "staging").values()) == {"healthy"}
+    assert all_healthy(stacks, "prod") == prod_state
+    assert marker(stacks, "prod", "GET", "pitr-prod") == PRESENT
 
 
 def wait_all_healthy(stacks: Stacks, stack: str, timeout: float = 300) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -210,5 +212,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def _stop(signum: int, frame: object) -> None:
+    # As a container's PID 1, SIGTERM has no default action: without a handler `docker stop`
+    # waits out its grace period and kills the api (exit 137).
+    sys.exit(0)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop)
     ThreadingHTTPServer((BIND, PORT), Handler).serve_forever()
