@@ -23,8 +23,13 @@ process-max 2). Then, timed:
   PITR restore  both to the same target time between two marker rows, to a writable
                 server; each must show the earlier marker and not the later one.
 
-and prints times and rag-backup/pgBackRest ratios (< 1: rag-backup faster). Usage:
-  ./venv/bin/python benchmarks/pitr_bench.py [--size-mb 256] [--rpo-samples 5] [--work-dir DIR]
+Backups and restores run ``--rounds`` times each, the two tools alternating (the machine is
+shared: only ratios from the same interleaved run mean anything); it prints every round,
+the medians, the paired ratios (median, min, max; < 1: rag-backup faster) and the median of
+each phase of rag-backup's restore (its own timings: the pipeline's CPU per process, fsync,
+server start and WAL replay, row counts, ...). Usage:
+  ./venv/bin/python benchmarks/pitr_bench.py [--size-mb 256] [--rounds 3] [--rpo-samples 5]
+      [--work-dir DIR]
 """
 
 from __future__ import annotations
@@ -79,8 +84,73 @@ def timed(label: str, func: Callable[[], object]) -> float:
     started = time.monotonic()
     func()
     elapsed = time.monotonic() - started
-    print(f"  {label:<46} {elapsed:8.2f} s", flush=True)
+    print(f"  {label:<56} {elapsed:8.2f} s", flush=True)
     return elapsed
+
+
+OURS = "rag-backup"
+THEIRS = "pgBackRest"
+Step = tuple[str, Callable[[], object]]
+
+
+def interleaved(
+    rounds: int,
+    steps: dict[str, Step],
+    cleanup: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, list[float]]:
+    """Each round times every tool's step once, the order alternating between rounds, so
+    the shared machine's busy and quiet moments fall on both; ``cleanup`` (untimed) runs
+    after each step. Only ratios within the same run mean anything here."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            label, step = steps[name]
+            times[name].append(timed(f"round {index + 1}: {name} {label}", step))
+            if cleanup and name in cleanup:
+                cleanup[name]()
+    return times
+
+
+def ratio_line(what: str, times: dict[str, list[float]], target: float) -> str:
+    """Medians of each tool, and the ratios of the rounds (each round's rag-backup time over
+    its pgBackRest time): median, min and max."""
+    ours, theirs = times[OURS], times[THEIRS]
+    paired = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+    value = statistics.median(paired)
+    verdict = "met" if value <= target else "MISSED"
+    return (
+        f"  {what:<26} rag-backup {statistics.median(ours):6.2f} s  pgBackRest "
+        f"{statistics.median(theirs):6.2f} s (medians)  ratio median {value:4.2f} "
+        f"[min {paired[0]:4.2f}, max {paired[-1]:4.2f}, {len(paired)} rounds] "
+        f"(target <= {target:g}: {verdict})"
+    )
+
+
+def restore_timings(output: str) -> dict[str, float]:
+    """rag-backup restore's own ``timings:`` line as {step: seconds}."""
+    lines = [line for line in output.splitlines() if "timings:" in line]
+    if not lines:
+        raise SystemExit(f"rag-backup restore printed no timings: {output[-2000:]}")
+    steps: dict[str, float] = {}
+    for item in lines[-1].split("timings:", 1)[1].split(", "):
+        name, _, seconds = item.strip().rpartition(" ")
+        steps[name] = float(seconds.rstrip("s"))
+    return steps
+
+
+def print_phases(title: str, rounds: list[dict[str, float]]) -> None:
+    """Median of every step over the rounds; the pipeline's stages run at the same time, so
+    they are CPU seconds of each process ("cpu ..."), the others wall seconds."""
+    print(f"{title} phases, median of {len(rounds)} rounds (its own timings):")
+    skip = ("checks", "stage postgres", "staging (parallel)")
+    for name in rounds[0]:
+        if name in skip or not all(name in r for r in rounds):
+            continue
+        values = [r[name] for r in rounds]
+        unit = "CPU-s" if name.startswith("postgres: cpu") else "s"
+        shown = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {name:<50} {statistics.median(values):6.2f} {unit:<5} ({shown})")
 
 
 def chown_postgres(*paths: Path) -> None:
@@ -256,6 +326,9 @@ def main() -> int:
     )
     parser.add_argument("--size-mb", type=int, default=256, help="PostgreSQL data (MiB)")
     parser.add_argument("--rpo-samples", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved runs of each backup and restore"
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
     pgbackrest = require_tool("pgbackrest")
@@ -314,7 +387,10 @@ def main() -> int:
         wait_pushed(pg, segment, timeout=1800)
         run([*cli, "wal-archive", "--quiet"], env)
 
-        print("base backups (same data, one after the other):", flush=True)
+        print(
+            f"base backups (same data; {args.rounds} rounds, the two tools alternating):",
+            flush=True,
+        )
         ids: dict[str, str] = {}
 
         def ours_backup() -> None:
@@ -324,15 +400,21 @@ def main() -> int:
             ).split()[0]
 
         first_segment = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
-        ours_backup_s = timed("rag-backup backup (base backup)", ours_backup)
-        pgbr_backup_s = timed(
-            "pgbackrest backup --type=full",
-            lambda: run([*pgbr, "backup", "--type=full"], pgbr_env, as_postgres=True),
+        backups = interleaved(
+            args.rounds,
+            {
+                OURS: ("backup --pg-physical --no-pg-logical", ours_backup),
+                THEIRS: (
+                    "backup --type=full",
+                    lambda: run([*pgbr, "backup", "--type=full"], pgbr_env, as_postgres=True),
+                ),
+            },
         )
         ours_size = sum(p.stat().st_size for p in (root / "rag-backups" / ids["base"]).iterdir())
-        pgbr_size = sum(
-            p.stat().st_size for p in (root / "pgbr-repo" / "backup").rglob("*") if p.is_file()
+        pgbr_labels = sorted(
+            d for d in (root / "pgbr-repo" / "backup" / STANZA).iterdir() if d.is_dir()
         )
+        pgbr_size = sum(p.stat().st_size for p in pgbr_labels[-1].rglob("*") if p.is_file())
         print(
             f"  sizes: rag-backup {ours_size / 2**20:.1f} MiB, "
             f"pgBackRest {pgbr_size / 2**20:.1f} MiB"
@@ -388,10 +470,17 @@ def main() -> int:
         )
         pg.shutdown()
 
-        print("restores to a writable server (PostgreSQL started, recovery done):", flush=True)
+        print(
+            f"restores to a writable server (PostgreSQL started, recovery done; "
+            f"{args.rounds} rounds, the two tools alternating):",
+            flush=True,
+        )
         restore_root = postgres_dir(root / "restores")
+        # What each PITR copy holds: checked after the rounds, read untimed after each one.
+        found_markers: list[tuple[str, list[str]]] = []
+        restored: list[RestoredServer] = []
 
-        def pgbr_restore(name: str, *target_args: str) -> RestoredServer:
+        def pgbr_restore(name: str, *target_args: str) -> None:
             data = postgres_dir(restore_root / name)
             run(
                 [*pgbr, f"--pg1-path={data}", "restore", *target_args, "--target-action=promote"],
@@ -400,56 +489,78 @@ def main() -> int:
             )
             server = RestoredServer(pg, data, restore_root / f"{name}.log")
             servers.append(server)
+            restored.append(server)
             wait_writable(server.port, client_env)
-            return server
 
-        holder: dict[str, RestoredServer] = {}
-        pgbr_restore_s = timed(
-            "pgbackrest restore --type=immediate",
-            lambda: holder.update(full=pgbr_restore("pgbr-full", "--type=immediate")),
-        )
-        holder["full"].stop()
-        pgbr_pitr_s = timed(
-            "pgbackrest restore --type=time (PITR)",
-            lambda: holder.update(
-                pitr=pgbr_restore("pgbr-pitr", "--type=time", f"--target={target_pgbr}")
-            ),
-        )
-        pgbr_markers = markers(holder["pitr"].port, client_env)
-        holder["pitr"].stop()
-        shutil.rmtree(restore_root / "pgbr-full")
-        shutil.rmtree(restore_root / "pgbr-pitr")
+        def pgbr_cleanup() -> None:
+            server = restored.pop()
+            if (restore_root / "pgbr-pitr").exists():
+                found_markers.append((THEIRS, markers(server.port, client_env)))
+            server.stop()
+            for name in ("pgbr-full", "pgbr-pitr"):
+                shutil.rmtree(restore_root / name, ignore_errors=True)
 
         pg.start_args += [*RESTORED_SETTINGS]
         physical = ["--components", "postgres", "--pg-mode", "physical", "--yes"]
         physical += ["--pg-data-dir", str(pg.data_dir)]
-        timings: dict[str, str] = {}
+        phases: dict[str, list[dict[str, float]]] = {"full": [], "pitr": []}
 
         def ours_restore(label: str, *target_args: str) -> None:
+            started = time.monotonic()
             out = run([*cli, "restore", *physical, *target_args], env)
-            lines = [line for line in out.splitlines() if "timings:" in line]
-            timings[label] = lines[-1].split("timings:", 1)[1].strip() if lines else "?"
+            ran = time.monotonic() - started
             pg.start_again()
             wait_writable(pg.port, client_env)
+            steps = restore_timings(out)
+            # Outside rag-backup's own timings: the interpreter's start and exit, and the
+            # live server's start on the swapped-in copy (what the operator runs next).
+            steps["python start + exit"] = ran - steps.get("total", ran)
+            steps["live server start (writable)"] = time.monotonic() - started - ran
+            phases[label].append(steps)
 
-        ours_restore_s = timed(
-            "rag-backup restore --pg-mode physical", lambda: ours_restore("full", ids["base"])
+        def ours_cleanup() -> None:
+            if phases["pitr"]:
+                found_markers.append((OURS, markers(pg.port, client_env)))
+            pg.shutdown()
+            for kept in pg.data_dir.parent.glob(f"{pg.data_dir.name}.pre-restore-*"):
+                shutil.rmtree(kept)  # the same starting state for every restore
+
+        restores = interleaved(
+            args.rounds,
+            {
+                OURS: (
+                    "restore --pg-mode physical",
+                    lambda: ours_restore("full", ids["base"]),
+                ),
+                THEIRS: (
+                    "restore --type=immediate",
+                    lambda: pgbr_restore("pgbr-full", "--type=immediate"),
+                ),
+            },
+            cleanup={OURS: ours_cleanup, THEIRS: pgbr_cleanup},
         )
-        pg.shutdown()
-        for kept in pg.data_dir.parent.glob(f"{pg.data_dir.name}.pre-restore-*"):
-            shutil.rmtree(kept)  # untimed: the same starting state for the next restore
-        ours_pitr_s = timed(
-            "rag-backup restore --target-time (PITR)",
-            lambda: ours_restore("pitr", "--target-time", target_iso),
+        pitrs = interleaved(
+            args.rounds,
+            {
+                OURS: (
+                    "restore --target-time (PITR)",
+                    lambda: ours_restore("pitr", "--target-time", target_iso),
+                ),
+                THEIRS: (
+                    "restore --type=time (PITR)",
+                    lambda: pgbr_restore("pgbr-pitr", "--type=time", f"--target={target_pgbr}"),
+                ),
+            },
+            cleanup={OURS: ours_cleanup, THEIRS: pgbr_cleanup},
         )
-        ours_markers = markers(pg.port, client_env)
-        for tool, found in (("rag-backup", ours_markers), ("pgBackRest", pgbr_markers)):
+        if len(found_markers) != 2 * args.rounds:
+            raise SystemExit(f"PITR markers read {len(found_markers)} times, not {2 * args.rounds}")
+        for tool, found in found_markers:
             if found != ["before"]:
                 raise SystemExit(f"{tool}'s PITR copy has markers {found}, expected ['before']")
-        print("  both PITR copies: marker 'before' present, 'after' absent")
-        print("rag-backup restore phases (its own timings):")
-        for label, line in timings.items():
-            print(f"  {label:<5}: {line}")
+        print("  every PITR copy: marker 'before' present, 'after' absent")
+        for label, title in (("full", "restore"), ("pitr", "PITR restore")):
+            print_phases(f"rag-backup {title}", phases[label])
 
         print("where rag-backup's PITR staging goes: decrypting the archived WAL again,")
         staged: dict[int, float] = {}
@@ -474,18 +585,13 @@ def main() -> int:
                 )
                 shutil.rmtree(target_dir)
 
-        def ratio(what: str, ours: float, theirs: float, target: float) -> str:
-            value = ours / theirs
-            verdict = "met" if value <= target else "MISSED"
-            return (
-                f"  {what:<34} rag-backup {ours:7.2f} s  pgBackRest {theirs:7.2f} s  "
-                f"ratio {value:5.2f} (target <= {target:g}: {verdict})"
-            )
-
-        print(f"results ({size / 2**20:.0f} MiB database; ratio = rag-backup / pgBackRest):")
-        print(ratio("backup (full / base)", ours_backup_s, pgbr_backup_s, 1))
-        print(ratio("restore to writable", ours_restore_s, pgbr_restore_s, 1))
-        print(ratio("PITR restore to writable", ours_pitr_s, pgbr_pitr_s, 1.2))
+        print(
+            f"results ({size / 2**20:.0f} MiB database, {args.rounds} interleaved rounds; "
+            "ratio = rag-backup / pgBackRest, median of the rounds' paired ratios):"
+        )
+        print(ratio_line("backup (full / base)", backups, 1))
+        print(ratio_line("restore to writable", restores, 1))
+        print(ratio_line("PITR restore to writable", pitrs, 1.2))
         for name, samples in (("rag-backup", ours_rpo), ("pgBackRest", pgbr_rpo)):
             print(
                 f"  RPO {name:<11} commit -> archived, encrypted, at rest: median "

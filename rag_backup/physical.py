@@ -6,12 +6,16 @@ stopped."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tarfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -29,6 +33,12 @@ KIND = "pg_basebackup_tar"
 SIGNAL_FILES = ("recovery.signal", "standby.signal")
 # Files every base backup of a cluster holds; verify checks they are in the archive.
 REQUIRED_MEMBERS = ("PG_VERSION", "global/pg_control", "backup_label", "backup_manifest")
+# GNU tar's record size when extracting from the pipe, in 512-byte blocks: 128 (64 KiB)
+# instead of its default 20 (10 KiB) means far fewer read and write calls; measured about
+# a quarter less CPU for tar on a base backup (a larger factor gained nothing more).
+TAR_BLOCKING_FACTOR = 128
+# How often the write-back of freshly extracted data is started while tar runs.
+WRITEBACK_INTERVAL_S = 0.1
 
 
 def start_basebackup(settings: pg.PostgresSettings) -> Proc:
@@ -97,22 +107,166 @@ def read_archive(stream: IO[bytes], target: Path | None) -> set[str]:
     return names
 
 
-def extract_with_tar(stream: IO[bytes], target: Path, run_as: Mapping[str, Any]) -> None:
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-back of dirty pages, do not wait
+
+
+def _regular_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
+    """(directory, name, size, directory fd) of every regular file under ``root``. The tree
+    was written by an untrusted archive: walked by directory file descriptors without
+    following symbolic links (os.fwalk), so a symlink put in anywhere leads nowhere."""
+    for directory, _, files, dir_fd in os.fwalk(root, follow_symlinks=False):
+        for name in files:
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                yield directory, name, info.st_size, dir_fd
+
+
+def _open_regular(name: str, dir_fd: int) -> int | None:
+    """Read-only, non-blocking (a FIFO would otherwise block), not following a symlink;
+    None unless it is still a regular file."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+class WritebackStarter:
+    """While tar writes the staged copy, starts the kernel's write-back of what has been
+    written so far (sync_file_range WRITE: asynchronous, no wait), as PostgreSQL's own
+    pre-sync does: the disk writes while the CPUs decrypt and decompress, so the fsync at
+    the end has little left to wait for (otherwise every byte is still dirty in the page
+    cache when extraction ends). Best effort: does nothing without sync_file_range."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._started: dict[tuple[str, str], int] = {}  # bytes already started
+        self._stop = threading.Event()
+        self._call = _sync_file_range()
+        self._thread: threading.Thread | None = None
+        if self._call is not None:
+            self._thread = threading.Thread(target=self._run, name="writeback", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(WRITEBACK_INTERVAL_S):
+            try:
+                self._one_pass()
+            except OSError:
+                continue  # a directory removed under us (cleanup after a failure)
+
+    def _one_pass(self) -> None:
+        assert self._call is not None
+        for directory, name, size, dir_fd in _regular_files(self._root):
+            key = (directory, name)
+            done = self._started.get(key, 0)
+            if size <= done:
+                continue
+            fd = _open_regular(name, dir_fd)
+            if fd is None:
+                continue
+            try:
+                self._call(fd, done, size - done, SYNC_FILE_RANGE_WRITE)
+            finally:
+                os.close(fd)
+            self._started[key] = size
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def sync_tree(root: Path) -> None:
+    """Make the extracted copy durable before a server runs on it: one syncfs of its
+    filesystem (the copy has no symlinks, so nothing of it lies elsewhere). An fsync per
+    file costs a journal commit or a cache flush each here: ~1 s for a base backup's
+    ~1000 files against ~0.05 s. Per-file fsync where syncfs is missing."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        fsync_tree(root)
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise BackupError(f"syncing {root} failed: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file and directory under ``root``."""
+    for _, name, _, dir_fd in _regular_files(root):
+        fd = _open_regular(name, dir_fd)
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for _, _, _, dir_fd in os.fwalk(root, follow_symlinks=False):
+        os.fsync(dir_fd)
+
+
+def extract_with_tar(
+    stream: IO[bytes],
+    target: Path,
+    run_as: Mapping[str, Any],
+    *,
+    durable: bool = False,
+    phases: dict[str, float] | None = None,
+) -> None:
     """Extract with GNU tar (C, much less CPU than Python's tarfile on a whole cluster) as
     the owner of the data directory, so every file gets its owner without a chown pass.
     GNU tar refuses member names with '..' and strips a leading '/'; the archive was
-    authenticated (SHA-256 of the ciphertext, AEAD/MDC) before anything staged is used."""
+    authenticated (SHA-256 of the ciphertext, AEAD/MDC) before anything staged is used.
+    ``durable``: the copy will go live, so its write-back starts during extraction and it
+    is fsynced at the end. ``phases`` gets tar's CPU seconds and the fsync's wall time."""
     tar = Proc(
         "tar -x (physical backup)",
-        ["tar", "-x", "-f", "-", "-C", str(target), "--no-same-owner", "--no-overwrite-dir"],
+        [
+            "tar",
+            "-x",
+            f"--blocking-factor={TAR_BLOCKING_FACTOR}",
+            "-f",
+            "-",
+            "-C",
+            str(target),
+            "--no-same-owner",
+            "--no-overwrite-dir",
+        ],
         stdin=stream,
         stdout=subprocess.DEVNULL,
         **run_as,
     )
+    writeback = WritebackStarter(target) if durable else None
     try:
         tar.check(timeout=86400)
     finally:
+        if writeback is not None:
+            writeback.stop()
         tar.close()
+    if phases is not None and tar.cpu_seconds is not None:
+        phases["cpu tar"] = tar.cpu_seconds
     missing = [name for name in REQUIRED_MEMBERS if not (target / name).is_file()]
     if missing:
         raise BackupError(f"physical backup archive lacks {', '.join(missing)}")
@@ -127,6 +281,36 @@ def extract_with_tar(stream: IO[bytes], target: Path, run_as: Mapping[str, Any])
                     f"physical backup archive: {name} is a symbolic link (tablespaces are not "
                     "supported)"
                 )
+    if durable:
+        started = time.monotonic()
+        sync_tree(target)
+        if phases is not None:
+            phases["fsync"] = time.monotonic() - started
+
+
+# backup_label's line naming the WAL file a base backup starts in.
+START_WAL_LINE = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
+BACKUP_LABEL_MAX_BYTES = 64 * 1024
+
+
+def start_segment_early(data_dir: Path) -> str | None:
+    """The start segment from a backup_label that tar may still be writing (None until it
+    is complete enough). The file is not authenticated yet: a symlink is not followed, a
+    FIFO or anything not a regular file is not read, and at most 64 KiB are read."""
+    try:
+        dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fd = _open_regular("backup_label", dir_fd)
+    finally:
+        os.close(dir_fd)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        text = handle.read(BACKUP_LABEL_MAX_BYTES).decode("ascii", errors="replace")
+    match = START_WAL_LINE.search(text)
+    return match[1] if match else None
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
@@ -233,10 +417,12 @@ def check_cluster(
     *,
     durable: bool,
     where: str,
+    phases: dict[str, float] | None = None,
 ) -> dict[str, int]:
     """Start a private postgres on the extracted copy (WAL replay), compare row counts with
     the manifest, shut it down cleanly. ``durable``: fsync on, so PostgreSQL syncs the whole
-    directory during recovery (for a copy that will go live)."""
+    directory during recovery (for a copy that will go live). ``phases`` gets the wall time
+    of each step."""
     physical = component["physical"]
     started = time.monotonic()
     server = LocalPostgres(
@@ -250,12 +436,17 @@ def check_cluster(
         counted = time.monotonic()
         counts_within(component["row_counts"], physical["row_counts_after"], counts, where)
         server.stop_checked()
+        stopped = time.monotonic()
         synced = ", directory fsynced" if durable else ""
         log(
             f"{where}: private server ready (WAL replayed{synced})"
             f" in {ready - started:.2f}s, rows counted in {counted - ready:.2f}s, "
-            f"shut down in {time.monotonic() - counted:.2f}s"
+            f"shut down in {stopped - counted:.2f}s"
         )
+        if phases is not None:
+            phases["server start + WAL replay"] = ready - started
+            phases["row counts"] = counted - ready
+            phases["shutdown"] = stopped - counted
     finally:
         server.stop()
     return counts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import subprocess
 import tempfile
 import threading
@@ -45,6 +46,9 @@ class Proc:
         except OSError as error:
             self._stderr.close()
             raise BackupError(f"cannot run {argv[0]} for {name}: {error.strerror}") from error
+        # CPU seconds (user + system) the child used, once it has exited and been waited
+        # for; None where the kernel does not tell (for the restore's phase breakdown).
+        self.cpu_seconds: float | None = None
         with _live_lock:
             _live.add(self.popen)
         for stream in (self.popen.stdin, self.popen.stdout):
@@ -66,9 +70,15 @@ class Proc:
         return self._stderr.read().decode(errors="replace")
 
     def wait(self, timeout: float | None = None) -> int:
+        remaining = timeout
+        if self.popen.returncode is None and self.cpu_seconds is None:
+            exited, self.cpu_seconds = _cpu_at_exit(self.popen.pid, timeout)
+            if not exited:
+                remaining = 0  # the whole timeout has passed already
         try:
-            code = self.popen.wait(timeout=timeout)
+            code = self.popen.wait(timeout=remaining)
         except subprocess.TimeoutExpired as error:
+            assert timeout is not None
             self.kill()
             raise BackupError(f"{self.name} did not finish within {timeout:.0f}s") from error
         with _live_lock:
@@ -97,6 +107,29 @@ class Proc:
 
 
 PIPE_SIZE = 1 << 20
+
+
+def _cpu_at_exit(pid: int, timeout: float | None) -> tuple[bool, float | None]:
+    """Wait until ``pid`` has exited without reaping it (it stays a zombie, so its
+    /proc/<pid>/stat still holds its CPU times), then read them. Returns (exited, seconds);
+    (True, None) when this is not possible (no pidfd, already reaped): the caller then
+    waits as usual."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return True, None
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            return False, None
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            # Fields after "(comm)": state is field 3, utime 14, stime 15 (clock ticks).
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return True, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return True, None
+    finally:
+        os.close(pidfd)
 
 
 def _enlarge_pipe(fd: int) -> None:

@@ -184,6 +184,8 @@ def _stage_all(
         kill_all_children()
         raise
     timings["staging (parallel)"] = time.monotonic() - staging_started
+    for store in stores:
+        timings.update({f"{store.name}: {phase}": s for phase, s in store.phases.items()})
 
 
 def _swap_all(

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,14 +120,20 @@ def no_logical_message(entry: BackupEntry) -> str:
 
 @contextmanager
 def checked_plaintext(
-    cipher: Cipher, entry: BackupEntry, item: dict[str, Any], component: str
+    cipher: Cipher,
+    entry: BackupEntry,
+    item: dict[str, Any],
+    component: str,
+    cpu: dict[str, float] | None = None,
 ) -> Iterator[IO[bytes]]:
     """The plaintext of one artifact; its ciphertext's size and SHA-256 are checked in the
     same pass (a mismatch raises when the block ends: whatever was written from the stream
-    must be discarded then; callers write only into staging areas)."""
+    must be discarded then; callers write only into staging areas). ``cpu``: see
+    decrypted_stream."""
     path = entry.path / str(item["name"])
     expected = ExpectedCiphertext(int(item["size"]), str(item["sha256"]))
-    with decrypted_stream(cipher, path, f"{component} ({item['name']})", expected) as stream:
+    name = f"{component} ({item['name']})"
+    with decrypted_stream(cipher, path, name, expected, cpu) as stream:
         yield stream
 
 
@@ -380,6 +387,9 @@ class StoreRestore:
         self.cfg = cfg
         self.entry = entry
         self.component: dict[str, Any] = entry.manifest["components"][self.name]
+        # Steps of stage() (wall seconds) and CPU seconds of its processes ("cpu ...") where
+        # a store measures them: the restore's timings line shows them.
+        self.phases: dict[str, float] = {}
 
     kind = ""
 
@@ -606,11 +616,32 @@ class PostgresPhysicalRestore(StoreRestore):
             os.chown(data, owner.st_uid, owner.st_gid)
         log(f"postgres: extracting the base backup into {data}")
         item = artifact(self.entry, self.name, self.kind)
-        with checked_plaintext(cipher, self.entry, item, self.name) as stream:
-            physical.extract_with_tar(stream, data, run_as_owner_of(data))
+        phases = self.phases
+        started = time.monotonic()
+        cpu: dict[str, float] = {}
+        extracted: dict[str, float] = {}
         jobs = self.cfg.postgres.jobs if self.cfg.postgres else 2
+        prestage = (
+            WalPrestage(self.cfg.store, cipher, data, progress, jobs, self._only())
+            if self.cfg.pitr
+            else None
+        )
+        try:
+            with checked_plaintext(cipher, self.entry, item, self.name, cpu) as stream:
+                physical.extract_with_tar(
+                    stream, data, run_as_owner_of(data), durable=True, phases=extracted
+                )
+        except BaseException:
+            if prestage is not None:
+                prestage.discard()
+            raise
+        fsync = extracted.pop("fsync", 0.0)
+        phases["extract (hash | decrypt | zstd -d | tar)"] = time.monotonic() - started - fsync
+        phases.update({f"cpu {stage}": seconds for stage, seconds in cpu.items()})
+        phases.update(extracted)
+        phases["fsync"] = fsync
         if self.cfg.pitr:
-            self._recover_to_target(cipher, data, progress, jobs)
+            self._recover_to_target(cipher, data, progress, jobs, prestage)
             return
         log("postgres: starting a private server on the copy to replay its WAL and count rows")
         counts = physical.check_cluster(
@@ -621,6 +652,7 @@ class PostgresPhysicalRestore(StoreRestore):
             jobs,
             durable=True,
             where="postgres (physical)",
+            phases=phases,
         )
         log(f"postgres: physical copy consistent, {len(counts)} tables, row counts match")
 
@@ -628,26 +660,41 @@ class PostgresPhysicalRestore(StoreRestore):
         # The archive reaches the target from this base backup, without a gap (pitr.py).
         self.pitr_plan = pitr.plan(self.cfg.store, self.cfg.pg_target_time, self.entry.backup_id)
 
-    def _recover_to_target(self, cipher: Cipher, data: Path, progress: Progress, jobs: int) -> None:
-        # Beside the staged copy (the data volume): the segments may be many 16 MiB files,
-        # more than a small /tmp holds.
-        segments = Path(tempfile.mkdtemp(prefix=".rag-restore-wal-", dir=data.parent))
+    def _only(self) -> frozenset[str] | None:
+        """The segments the PITR plan needs (None: every one from the start segment)."""
+        return frozenset(self.pitr_plan.segments) if self.pitr_plan else None
+
+    def _recover_to_target(
+        self,
+        cipher: Cipher,
+        data: Path,
+        progress: Progress,
+        jobs: int,
+        prestage: WalPrestage | None,
+    ) -> None:
+        started = time.monotonic()
         try:
+            start = wal.backup_start_segment(data)  # now from the authenticated copy
+        except BaseException:
+            if prestage is not None:
+                prestage.discard()
+            raise
+        early = prestage.finish(start) if prestage is not None else None
+        if early is not None:
+            segments, count = early
+        else:
+            segments = wal_staging_dir(data)
+        try:
+            if early is None:
+                count = wal.stage_segments(
+                    self.cfg.store, cipher, start, segments, progress, jobs, only=self._only()
+                )
+            self.phases["WAL segments decrypted (after extraction)"] = time.monotonic() - started
             if os.geteuid() == 0:
                 owner = data.stat()
                 os.chown(segments, owner.st_uid, owner.st_gid)
-            count = wal.stage_segments(
-                self.cfg.store,
-                cipher,
-                wal.backup_start_segment(data),
-                segments,
-                progress,
-                jobs,
-                only=self.pitr_plan.segments if self.pitr_plan else None,
-            )
-            if os.geteuid() == 0:
                 for item in segments.iterdir():
-                    os.chown(item, data.stat().st_uid, data.stat().st_gid)
+                    os.chown(item, owner.st_uid, owner.st_gid)
             recovery = [f"restore_command=cp {segments}/%f %p", "recovery_target_action=promote"]
             if self.cfg.pg_target_time is not None:
                 when = wal.describe_time(self.cfg.pg_target_time)
@@ -658,6 +705,7 @@ class PostgresPhysicalRestore(StoreRestore):
             else:
                 goal = "to the end of the archived WAL"
             log(f"postgres: recovering {goal} with {count} archived WAL segment(s)")
+            started = time.monotonic()
             counts = physical.check_pitr_cluster(
                 data,
                 self.target.bin_dir,
@@ -666,6 +714,7 @@ class PostgresPhysicalRestore(StoreRestore):
                 jobs,
                 tuple(recovery),
             )
+            self.phases["recovery to target + row counts + shutdown"] = time.monotonic() - started
             log(f"postgres: recovered {goal}: {len(counts)} tables, {sum(counts.values())} rows")
         finally:
             shutil.rmtree(segments, ignore_errors=True)
@@ -693,6 +742,75 @@ class PostgresPhysicalRestore(StoreRestore):
         if self.staged is not None:
             shutil.rmtree(self.staged, ignore_errors=True)
             self.staged = None
+
+
+def wal_staging_dir(data: Path) -> Path:
+    """Beside the staged copy (the data volume): the segments may be many 16 MiB files,
+    more than a small /tmp holds."""
+    return Path(tempfile.mkdtemp(prefix=".rag-restore-wal-", dir=data.parent))
+
+
+class WalPrestage:
+    """Point-in-time restore: decrypts the archived WAL while the base backup is still being
+    extracted (the two are independent; otherwise the segments wait for the whole
+    extraction). The start segment is read from the copy's backup_label as soon as tar has
+    written it (pg_basebackup puts it first). That file is not authenticated yet, so it is
+    opened without following a symlink or blocking on a FIFO, and it only chooses which of
+    our own archived segments (each checked against the WAL index) get decrypted: after
+    extraction ``finish`` compares it with the authenticated copy's and the caller stages
+    again on any difference."""
+
+    def __init__(
+        self,
+        store: BackupStore,
+        cipher: Cipher,
+        data: Path,
+        progress: Progress,
+        jobs: int,
+        only: frozenset[str] | None,
+    ) -> None:
+        self.segments = wal_staging_dir(data)
+        self._args = (store, cipher, data, progress, jobs)
+        self._only = only
+        self._extracted = threading.Event()
+        self._start: str | None = None
+        self._count = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="wal-prestage", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store, cipher, data, progress, jobs = self._args
+        try:
+            while not self._extracted.is_set():
+                start = physical.start_segment_early(data)
+                if start is None:
+                    self._extracted.wait(0.02)
+                    continue
+                self._start = start
+                self._count = wal.stage_segments(
+                    store, cipher, start, self.segments, progress, jobs, only=self._only
+                )
+                return
+        except BaseException as error:
+            self._error = error
+
+    def finish(self, start: str) -> tuple[Path, int] | None:
+        """The staged segments and their count if they were staged from ``start`` (the
+        authenticated backup_label's); otherwise None, and nothing of them is kept."""
+        self._extracted.set()
+        self._thread.join()
+        if self._error is None and self._start == start:
+            return self.segments, self._count
+        if self._error is not None:
+            log(f"postgres: WAL staged during extraction is not used ({self._error})")
+        self.discard()
+        return None
+
+    def discard(self) -> None:
+        self._extracted.set()
+        self._thread.join()
+        shutil.rmtree(self.segments, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- redis

@@ -172,10 +172,12 @@ class _HashingFeeder:
         self.digest = hashlib.sha256()
         self.size = 0
         self.error: BaseException | None = None
+        self.cpu_seconds = 0.0  # this thread's: reading, hashing, writing into the pipe
         self._thread = threading.Thread(target=self._run, name=f"hash-{name}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        started = time.thread_time()
         sink_open = True
         try:
             with open(self._path, "rb") as handle:
@@ -195,6 +197,7 @@ class _HashingFeeder:
         finally:
             with suppress(OSError, ValueError):
                 self._sink.close()
+            self.cpu_seconds = time.thread_time() - started
 
     def join(self) -> None:
         self._thread.join()
@@ -217,7 +220,11 @@ class CiphertextMismatch(BackupError):
 
 @contextmanager
 def decrypted_stream(
-    cipher: Cipher, path: Path, name: str, expected: ExpectedCiphertext | None = None
+    cipher: Cipher,
+    path: Path,
+    name: str,
+    expected: ExpectedCiphertext | None = None,
+    cpu: dict[str, float] | None = None,
 ) -> Iterator[IO[bytes]]:
     """Yield the decrypted, decompressed plaintext of ``path`` as a readable pipe.
 
@@ -226,7 +233,8 @@ def decrypted_stream(
     ``expected``, the encrypted file is hashed while it is fed to the decryptor and a
     mismatch is raised as CiphertextMismatch (after the consumer has finished, so a consumer
     writing into a staging area must treat everything it wrote as unchecked until this
-    context has exited without error)."""
+    context has exited without error). ``cpu`` gets the CPU seconds of each stage (hash,
+    decrypt, decompress) where known."""
     feeder: _HashingFeeder | None = None
     if expected is None:
         decrypt = Proc(f"decryption ({name})", cipher.decrypt_argv(path))
@@ -258,6 +266,12 @@ def decrypted_stream(
         zstd_err = zstd.stderr_text()
         decrypt.close()
         zstd.close()
+        if cpu is not None:
+            if feeder is not None:
+                cpu["hash"] = feeder.cpu_seconds
+            for stage, proc in (("decrypt", decrypt), ("decompress", zstd)):
+                if proc.cpu_seconds is not None:
+                    cpu[stage] = proc.cpu_seconds
     mismatch = None
     if feeder is not None and expected is not None:
         mismatch = feeder.mismatch(expected)

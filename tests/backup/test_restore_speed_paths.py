@@ -1,0 +1,205 @@
+"""The physical restore's fast paths, on real processes and a real PostgreSQL 15: CPU seconds
+of exited children, write-back started while tar extracts and one syncfs at the end (both
+walking an untrusted tree without leaving it or blocking on a FIFO), the private server's
+start-up sync by syncfs, and the per-phase timings a restore reports."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rag_backup import physical
+from rag_backup.crypto import Cipher, CipherSettings
+from rag_backup.errors import BackupError
+from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_of
+from rag_backup.manifest import PG_PHYSICAL_KIND
+from rag_backup.pg import psql_value
+from rag_backup.procs import Proc
+from rag_backup.store import BackupStore
+from rag_backup.stores import artifact, checked_plaintext
+from tests.backup.conftest import Stack
+from tests.backup.helpers import pg_snapshot, run_cli
+from tests.tooling import require_tool
+
+WALK_TIMEOUT_S = 30
+
+
+def test_proc_reports_the_cpu_seconds_of_an_exited_child_and_keeps_its_exit_code() -> None:
+    busy = "import sys\nx = 0\nfor i in range(3 * 10**6): x += i\nsys.exit(3)"
+    proc = Proc("busy child", [sys.executable, "-c", busy], stdout=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=120) == 3
+    finally:
+        proc.close()
+    assert proc.cpu_seconds is not None and proc.cpu_seconds >= 0.05
+
+    sleeper = Proc("sleeper", ["sleep", "30"], stdout=subprocess.DEVNULL)
+    try:
+        with pytest.raises(BackupError, match="sleeper did not finish within 1s"):
+            sleeper.wait(timeout=1)
+        assert sleeper.popen.poll() is not None  # killed on the timeout
+    finally:
+        sleeper.close()
+
+
+def _hostile_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A staged tree as a hostile archive could leave it: a symlinked directory and a
+    symlinked file pointing outside, and a FIFO (opening it for reading would block)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s" * 4096)
+    root = tmp_path / "staged"
+    (root / "base" / "1").mkdir(parents=True)
+    (root / "PG_VERSION").write_text("15\n")
+    (root / "base" / "1" / "1259").write_bytes(os.urandom(1 << 20))
+    (root / "base" / "escape").symlink_to(outside)
+    (root / "link").symlink_to(outside / "secret")
+    os.mkfifo(root / "base" / "fifo")
+    return root, outside
+
+
+def _within(seconds: float, action: Callable[[], object]) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as error:  # reported in the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds}s"
+    if errors:
+        raise errors[0]
+
+
+def test_writeback_and_sync_walk_only_the_tree_and_never_block(tmp_path: Path) -> None:
+    root, _ = _hostile_tree(tmp_path)
+    found: list[tuple[str, str, int, int]] = []
+    _within(WALK_TIMEOUT_S, lambda: found.extend(physical._regular_files(root)))
+    assert sorted((Path(d).relative_to(root) / n).as_posix() for d, n, _, _ in found) == [
+        "PG_VERSION",
+        "base/1/1259",
+    ]
+
+    starter = physical.WritebackStarter(root)
+    try:
+        _within(WALK_TIMEOUT_S, starter._one_pass)
+    finally:
+        starter.stop()
+    assert sorted(n for _, n in starter._started) == ["1259", "PG_VERSION"]
+    assert starter._started[(str(root / "base" / "1"), "1259")] == 1 << 20
+
+    _within(WALK_TIMEOUT_S, lambda: physical.sync_tree(root))
+    _within(WALK_TIMEOUT_S, lambda: physical.fsync_tree(root))
+
+
+@pytest.mark.integration
+def test_private_server_on_a_staged_copy_syncs_by_syncfs_only_when_durable(stack: Stack) -> None:
+    """The copy that will go live is synced once by syncfs (physical.sync_tree) and the
+    private server's start-up sync is one syncfs too; a drill's throwaway copy runs
+    without fsync."""
+    require_tool("pg_basebackup")
+    backup = run_cli(["backup", "--pg-physical", "--no-pg-logical"], stack.env)
+    assert backup.returncode == 0, backup.stderr
+    entry = BackupStore(stack.backup_dir).get(backup.stdout.strip())
+    item = artifact(entry, "postgres", PG_PHYSICAL_KIND)
+    bin_dir = find_server_bin_dir(None)
+    # The postgres user (tar, the private server) must reach it: not under pytest's 0700 tmp.
+    work = Path(tempfile.mkdtemp(prefix="rag-test-sync-"))
+    work.chmod(0o755)
+    try:
+        settings_seen: dict[bool, tuple[str, ...]] = {}
+        with Cipher(CipherSettings("gpg", key_file=stack.key_file)) as cipher:
+            for durable in (True, False):
+                data = work / f"copy-{durable}"
+                data.mkdir(mode=0o700)
+                if os.geteuid() == 0:
+                    shutil.chown(data, "postgres", "postgres")
+                phases: dict[str, float] = {}
+                with checked_plaintext(cipher, entry, item, "postgres") as stream:
+                    physical.extract_with_tar(
+                        stream, data, run_as_owner_of(data), durable=durable, phases=phases
+                    )
+                assert ("fsync" in phases) is durable
+                server = LocalPostgres(bin_dir, work, 1, data_dir=data, durable=durable)
+                try:
+                    settings_seen[durable] = tuple(
+                        psql_value(server.settings, f"SHOW {name}", "postgres")
+                        for name in ("fsync", "recovery_init_sync_method")
+                    )
+                finally:
+                    server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert settings_seen[True] == ("on", "syncfs")
+    assert settings_seen[False][0] == "off"
+
+
+@pytest.mark.integration
+def test_physical_restore_reports_each_phase_and_gives_the_backups_data(stack: Stack) -> None:
+    require_tool("pg_basebackup")
+    before = pg_snapshot(stack.pg)
+    backup = run_cli(["backup", "--pg-physical", "--no-pg-logical"], stack.env)
+    assert backup.returncode == 0, backup.stderr
+    stack.pg.psql("CREATE TABLE after_backup (x int)")
+    stack.pg.shutdown()
+    physical_args = ["--pg-mode", "physical", "--pg-data-dir", str(stack.pg.data_dir)]
+    restore = run_cli(
+        ["restore", backup.stdout.strip(), "--yes", "--components", "postgres", *physical_args],
+        stack.env,
+    )
+    assert restore.returncode == 0, restore.stderr
+    line = next(x for x in restore.stderr.splitlines() if "timings:" in x)
+    steps = dict(re.findall(r"(?:timings: |, )([^,]+?) (\d+\.\d\d)s", line))
+    for step in (
+        "postgres: extract (hash | decrypt | zstd -d | tar)",
+        "postgres: cpu hash",
+        "postgres: cpu decrypt",
+        "postgres: cpu decompress",
+        "postgres: cpu tar",
+        "postgres: fsync",
+        "postgres: server start + WAL replay",
+        "postgres: row counts",
+        "postgres: shutdown",
+    ):
+        assert step in steps, (step, line)
+    stack.pg.start_again()
+    assert pg_snapshot(stack.pg) == before
+
+
+def test_start_segment_is_read_early_only_from_a_complete_regular_backup_label(
+    tmp_path: Path,
+) -> None:
+    """PITR decrypts the WAL while tar still writes the copy, starting from the copy's
+    backup_label before it is authenticated: a FIFO must not block, a symlink is not
+    followed, a half-written line gives nothing yet."""
+    data = tmp_path / "data"
+    data.mkdir()
+    outside = tmp_path / "label-elsewhere"
+    line = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+    outside.write_text(line)
+    assert physical.start_segment_early(data) is None  # not written yet
+    (data / "backup_label").symlink_to(outside)
+    assert physical.start_segment_early(data) is None
+    (data / "backup_label").unlink()
+    os.mkfifo(data / "backup_label")
+    found: list[str | None] = []
+    _within(WALK_TIMEOUT_S, lambda: found.append(physical.start_segment_early(data)))
+    assert found == [None]
+    (data / "backup_label").unlink()
+    (data / "backup_label").write_text(line[:50])
+    assert physical.start_segment_early(data) is None
+    (data / "backup_label").write_text(line)
+    assert physical.start_segment_early(data) == "000000010000000000000002"
