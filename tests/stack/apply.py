@@ -524,18 +524,20 @@ class StackApplier:
         selected = [r for r in run.resources if r.typ == CONTAINER and (only is None or only(r))]
         names = {r.name for r in selected}
 
-        def create(record: Recorded) -> None:
-            name = self.apply_container(run, record, applied)
-            if record.inputs.get("wait"):
-                timeout = float(record.inputs.get("waitTimeout") or 60)
-                self.wait_healthy(name, time.monotonic() + timeout)
-
         run_as_dag(
             selected,
             lambda r: [d.name for d in self.dependencies(run, r) if d.name in names],
-            create,
+            lambda record: self.start_container(run, record, applied),
         )
         return applied
+
+    def start_container(self, run: ProgramRun, record: Recorded, applied: Applied) -> None:
+        """Create and start one declared container; with `wait`, wait until it is
+        healthy within its waitTimeout, as pulumi-docker does."""
+        name = self.apply_container(run, record, applied)
+        if record.inputs.get("wait"):
+            timeout = float(record.inputs.get("waitTimeout") or 60)
+            self.wait_healthy(name, time.monotonic() + timeout)
 
     def update(self, old: ProgramRun, new: ProgramRun, applied: Applied) -> list[str]:
         """A later `pulumi up`: every container whose declaration changed is replaced,
@@ -554,10 +556,7 @@ class StackApplier:
             name = applied.containers[record.inputs["name"]]
             self.docker.run("rm", "-f", "-v", name, timeout=60)
             self.objects.containers.remove(name)
-            name = self.apply_container(new, record, applied)
-            if record.inputs.get("wait"):
-                timeout = float(record.inputs.get("waitTimeout") or 60)
-                self.wait_healthy(name, time.monotonic() + timeout)
+            self.start_container(new, record, applied)
 
         run_as_dag(
             records,
