@@ -529,3 +529,24 @@ def uploaded_files(run: ProgramRun, service: str) -> dict[str, str]:
         assert target.startswith(INCOMING_DIR), target
         files[target.removeprefix(INCOMING_DIR)] = upload["content"]
     return files
+
+
+def failure_before_registration(stack: str, config: dict[str, str]) -> tuple[Exception, list[str]]:
+    """Run the program with a config it must refuse: the exception it raised and the
+    names of the resources it had registered by then (bad input must stop it before the
+    first one)."""
+    seen: list[str] = []
+    original = RecordingMocks.new_resource
+
+    def spy(self: RecordingMocks, args: Any) -> Any:
+        seen.append(args.name)
+        return original(self, args)
+
+    RecordingMocks.new_resource = spy  # type: ignore[method-assign]
+    try:
+        run_program(stack, config)
+    except Exception as exc:
+        return exc, seen
+    finally:
+        RecordingMocks.new_resource = original  # type: ignore[method-assign]
+    raise AssertionError(f"the program accepted the config for {stack}")

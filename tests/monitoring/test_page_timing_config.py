@@ -5,16 +5,20 @@ alertGroupInterval): defaults, values reaching the alertmanager.yml the program 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from components.config import ConfigError, parse_stack_config
 from components.monitoring_config import PageTimings
-from tests import pulumi_harness
 from tests.monitoring.helpers import run_tool
-from tests.pulumi_harness import SECRET_KEYS, run_program, stack_config, uploaded_files
+from tests.pulumi_harness import (
+    SECRET_KEYS,
+    failure_before_registration,
+    run_program,
+    stack_config,
+    uploaded_files,
+)
 from tests.tooling import require_tool
 
 
@@ -61,17 +65,9 @@ def test_bad_timings_name_the_key_and_what_is_expected(key: str, value: str, exp
     assert f"personal-rag:{key} = {value!r} is invalid; expected {expected}" in message
 
 
-def test_a_bad_timing_stops_the_program_before_any_resource(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seen: list[str] = []
-    original = pulumi_harness.RecordingMocks.new_resource
-
-    def spy(self: pulumi_harness.RecordingMocks, args: Any) -> Any:
-        seen.append(args.name)
-        return original(self, args)
-
-    monkeypatch.setattr(pulumi_harness.RecordingMocks, "new_resource", spy)
-    with pytest.raises(ConfigError, match="personal-rag:alertGroupInterval = '0s'"):
-        run_program("staging", stack_config("staging", alertGroupInterval="0s"))
+def test_a_bad_timing_stops_the_program_before_any_resource() -> None:
+    config = stack_config("staging", alertGroupInterval="0s")
+    error, seen = failure_before_registration("staging", config)
+    assert isinstance(error, ConfigError), error
+    assert "personal-rag:alertGroupInterval = '0s'" in str(error)
     assert seen == []

@@ -3,8 +3,6 @@ naming the key before any resource exists (the same checks the monitoring settin
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from components.config import ConfigError, parse_stack_config
@@ -15,8 +13,11 @@ from components.monitoring_config import (
     burn_rate_expression,
 )
 from components.monitoring_render import settings_from_config
-from tests import pulumi_harness
-from tests.pulumi_harness import SECRET_KEYS, run_program, stack_config
+from tests.pulumi_harness import (
+    SECRET_KEYS,
+    failure_before_registration,
+    stack_config,
+)
 
 
 def _parse(**overrides: str) -> SloObjectives:
@@ -58,15 +59,9 @@ def test_bad_slo_values_name_the_key_and_what_is_expected(
     assert expected in message
 
 
-def test_a_bad_slo_stops_the_program_before_any_resource(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[str] = []
-    original = pulumi_harness.RecordingMocks.new_resource
-
-    def spy(self: pulumi_harness.RecordingMocks, args: Any) -> Any:
-        seen.append(args.name)
-        return original(self, args)
-
-    monkeypatch.setattr(pulumi_harness.RecordingMocks, "new_resource", spy)
-    with pytest.raises(ConfigError, match="personal-rag:sloAvailability = '50'"):
-        run_program("staging", stack_config("staging", sloAvailability="50"))
+def test_a_bad_slo_stops_the_program_before_any_resource() -> None:
+    config = stack_config("staging", sloAvailability="50")
+    error, seen = failure_before_registration("staging", config)
+    assert isinstance(error, ConfigError), error
+    assert "personal-rag:sloAvailability = '50'" in str(error)
     assert seen == []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from components.config import ConfigError, StackConfig, parse_stack_config
-from tests.pulumi_harness import SECRET_KEYS, run_program, stack_config
+from tests.pulumi_harness import (
+    SECRET_KEYS,
+    failure_before_registration,
+    stack_config,
+)
 
 SECRET_VALUE = "smtp-password-for-tests"
 
@@ -153,21 +156,8 @@ def test_remote_docker_host_skips_local_path_checks() -> None:
 
 def test_bad_config_fails_before_any_resource_is_registered() -> None:
     # Run the real program: the error must come before the first registration.
-    from tests import pulumi_harness
-
-    seen: list[object] = []
-    original = pulumi_harness.RecordingMocks.new_resource
-
-    def spy(self: Any, args: Any) -> Any:
-        seen.append(args.typ)
-        return original(self, args)
-
-    pulumi_harness.RecordingMocks.new_resource = spy  # type: ignore[method-assign]
-    try:
-        with pytest.raises(ConfigError, match="alertEmail"):
-            run_program("prod", stack_config("prod", alertEmail="nope"))
-    finally:
-        pulumi_harness.RecordingMocks.new_resource = original  # type: ignore[method-assign]
+    error, seen = failure_before_registration("prod", stack_config("prod", alertEmail="nope"))
+    assert isinstance(error, ConfigError) and "alertEmail" in str(error), error
     assert seen == []
 
 

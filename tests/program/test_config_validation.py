@@ -12,7 +12,11 @@ from typing import Any
 import pytest
 
 from components.config import ConfigError, StackConfig, parse_stack_config
-from tests.pulumi_harness import SECRET_KEYS, run_program, stack_config
+from tests.pulumi_harness import (
+    SECRET_KEYS,
+    failure_before_registration,
+    stack_config,
+)
 
 OTHER_STACKS_STAGING_HTTP = "18080"  # Pulumi.staging.yaml: portOffset 10000
 
@@ -155,19 +159,7 @@ def test_an_offset_that_lands_on_the_other_stacks_ports_names_portoffset() -> No
 
 
 def test_bad_heartbeat_fails_before_any_resource_is_registered() -> None:
-    from tests import pulumi_harness
-
-    seen: list[object] = []
-    original = pulumi_harness.RecordingMocks.new_resource
-
-    def spy(self: Any, args: Any) -> Any:
-        seen.append(args.typ)
-        return original(self, args)
-
-    pulumi_harness.RecordingMocks.new_resource = spy  # type: ignore[method-assign]
-    try:
-        with pytest.raises(ConfigError, match="heartbeatUrl"):
-            run_program("prod", stack_config("prod", heartbeatUrl='https://x.example.com/"'))
-    finally:
-        pulumi_harness.RecordingMocks.new_resource = original  # type: ignore[method-assign]
+    config = stack_config("prod", heartbeatUrl='https://x.example.com/"')
+    error, seen = failure_before_registration("prod", config)
+    assert isinstance(error, ConfigError) and "heartbeatUrl" in str(error), error
     assert seen == []
