@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.stack.apply import StackApplier
+from tests.stack.apply import IMAGE, StackApplier
 from tests.stack.conftest import stack_run
 
 pytestmark = pytest.mark.stack
@@ -41,3 +41,25 @@ def test_the_backup_job_owns_its_fresh_volumes_and_keeps_running(
     assert owners and set(owners.values()) == {backup["user"]}, owners
     listing = docker.run("exec", name, "ls", "-A", "/textfile")
     assert listing.strip(), "the scheduler wrote nothing into its textfile volume"
+
+
+def test_the_backup_image_imports_every_module_from_its_bytecode(
+    fresh_applier: StackApplier,
+) -> None:
+    """The job runs with PYTHONDONTWRITEBYTECODE on a read-only root: without bytecode
+    built into the image every rag-backup call compiles its modules again."""
+    run = stack_run("staging")
+    declared = run.containers["rag-staging-backup"].inputs["image"]
+    (build,) = [i for i in run.of_type(IMAGE) if i.inputs["imageName"] == declared]
+    image = fresh_applier.images.declared_build(build.inputs)
+    check = (
+        "import importlib.util, pathlib, sys\n"
+        "missing = [str(p) for p in pathlib.Path('/opt/rag-backup/rag_backup').glob('*.py')\n"
+        "           if not pathlib.Path(importlib.util.cache_from_source(str(p))).is_file()]\n"
+        "print(missing); sys.exit(1 if missing else 0)\n"
+    )
+    done = fresh_applier.docker.call(
+        "run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", check,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
