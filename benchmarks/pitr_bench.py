@@ -35,6 +35,7 @@ server start and WAL replay, row counts, ...). Usage:
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime as dt
 import json
 import os
@@ -375,6 +376,9 @@ def main() -> int:
             "RAG_BACKUP_KEY_FILE": str(key_file),
             "PYTHONPATH": str(REPO),
         }
+        # As the backup image does (docker/backup/Dockerfile): bytecode compiled once, so
+        # no call pays for compiling modules (PYTHONDONTWRITEBYTECODE may be set here).
+        compileall.compile_dir(REPO / "rag_backup", quiet=1)
         cli = [sys.executable, "-m", "rag_backup"]
         client_env = {**os.environ, "PGPASSFILE": str(pgpass), "PGUSER": pg.user}
 
