@@ -36,6 +36,7 @@ also a recorded deviation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -260,20 +261,34 @@ def run_as_dag(
     runs independent resources in parallel. After a failure nothing new starts (steps
     already running finish); the first error is raised."""
     done = {record.name: threading.Event() for record in records}
-    errors: list[BaseException] = []
+    failed = threading.Event()
 
     def worker(record: Recorded) -> None:
         try:
             for dependency in dependencies(record):
                 done[dependency].wait()
-            if not errors:
+            if not failed.is_set():
                 step(record)
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             done[record.name].set()
 
-    threads = [threading.Thread(target=worker, args=(record,)) for record in records]
+    in_threads([functools.partial(worker, record) for record in records])
+
+
+def in_threads(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run each job in its own thread and wait for all; the first error raised."""
+    errors: list[BaseException] = []
+
+    def guarded(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(job,)) for job in jobs]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -590,21 +605,11 @@ def changed_containers(old: ProgramRun, new: ProgramRun) -> set[str]:
 def run_parallel(tasks: Sequence[Callable[[], Any]]) -> list[Any]:
     """Run each task in a thread; the results, or the first error raised."""
     results: list[Any] = [None] * len(tasks)
-    errors: list[BaseException] = []
 
     def runner(i: int, task: Callable[[], Any]) -> None:
-        try:
-            results[i] = task()
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
+        results[i] = task()
 
-    threads = [threading.Thread(target=runner, args=(i, t)) for i, t in enumerate(tasks)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    in_threads([functools.partial(runner, i, task) for i, task in enumerate(tasks)])
     return results
 
 
