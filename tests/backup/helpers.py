@@ -8,6 +8,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,15 @@ def chroma_rows(directory: Path) -> list[tuple[Any, ...]]:
         return conn.execute("SELECT * FROM embeddings ORDER BY id").fetchall()
     finally:
         conn.close()
+
+
+def markers_around_a_time(server: PostgresServer, database: str = DATABASE) -> float:
+    """Marker rows 'before' and 'after' committed 1.5 s either side of the returned time:
+    a point-in-time restore to it must bring back 'before' and not 'after'."""
+    server.psql("CREATE TABLE markers (name text)", database=database)
+    server.psql("INSERT INTO markers VALUES ('before')", database=database)
+    time.sleep(1.5)
+    between = time.time()
+    time.sleep(1.5)
+    server.psql("INSERT INTO markers VALUES ('after')", database=database)
+    return between

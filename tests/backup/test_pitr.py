@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 
 import pytest
 
 from tests.backup.conftest import Stack
-from tests.backup.helpers import DATABASE, run_cli
+from tests.backup.helpers import DATABASE, markers_around_a_time, run_cli
 from tests.tooling import require_tool
 
 pytestmark = pytest.mark.integration
@@ -29,12 +28,7 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     backup = run_cli(["backup", "--pg-physical", "--components", "postgres"], stack.env)
     assert backup.returncode == 0, backup.stderr
 
-    stack.pg.psql("CREATE TABLE markers (name text)", database=DATABASE)
-    stack.pg.psql("INSERT INTO markers VALUES ('before')", database=DATABASE)
-    time.sleep(1.5)
-    between = time.time()
-    time.sleep(1.5)
-    stack.pg.psql("INSERT INTO markers VALUES ('after')", database=DATABASE)
+    between = markers_around_a_time(stack.pg)
     # A write load across several segments: none may be lost.
     for _ in range(3):
         stack.pg.psql(

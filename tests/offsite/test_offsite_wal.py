@@ -19,7 +19,7 @@ import pytest
 from rag_backup.metrics import read_samples
 from rag_backup.offsite_wal import ARCHIVED_UNTIL, LAST_RUN_SUCCESS, LAST_SUCCESS, METRICS_FILE
 from tests.backup.conftest import Stack, make_stack
-from tests.backup.helpers import DATABASE, run_cli
+from tests.backup.helpers import DATABASE, markers_around_a_time, run_cli
 from tests.offsite.conftest import Target
 from tests.offsite.test_offsite_s3 import _rclone
 from tests.offsite.test_offsite_sftp import _offsite, _sha256
@@ -77,12 +77,7 @@ def _archive_backup_and_markers(stack: Stack, target: Target) -> tuple[str, floa
         run_cli(["backup", "--verify", "--pg-physical", "--components", "postgres"], stack.env)
     ).strip()
     _ok(_offsite(stack, target, "push"))
-    stack.pg.psql("CREATE TABLE markers (name text)", database=DATABASE)
-    stack.pg.psql("INSERT INTO markers VALUES ('before')", database=DATABASE)
-    time.sleep(1.5)
-    between = time.time()
-    time.sleep(1.5)
-    stack.pg.psql("INSERT INTO markers VALUES ('after')", database=DATABASE)
+    between = markers_around_a_time(stack.pg)
     _load(stack, 3)
     _ok(run_cli(["wal-archive"], stack.env))
     return backup, between
