@@ -81,39 +81,61 @@ def backup_metric(port: int) -> float | None:
     return max(float(sample["value"][1]) for sample in found)
 
 
-def test_the_scheduler_backup_is_verified_and_its_metric_reaches_prometheus(
+def test_the_scheduler_catches_up_at_start_and_its_metric_reaches_prometheus(
     stacks: Stacks,
 ) -> None:
-    """The scheduler, started with no backup yet, catches up on the missed run at once.
-    Then `backupTime` is set to a minute ahead and re-applied as `pulumi up` does (only
-    the job is replaced): the backup is taken in that minute, `verify` accepts it, and
-    Prometheus has its time through node_exporter's textfile collector, over the
-    declared networks."""
+    """The scheduler, started with no backup yet, catches up on the missed run at once,
+    and Prometheus has the backup's time through node_exporter's textfile collector, over
+    the declared networks. (A run at its scheduled minute: the RedisDown scenario, which
+    waits for prod's while staging's alert fires.)"""
     port = published_port(stacks, "staging", "prometheus", 9090)
     deadline = time.monotonic() + SCHEDULED_BACKUP_TIMEOUT_S
-    while (catch_up := backup_metric(port)) is None:
+    while backup_metric(port) is None:
         assert time.monotonic() < deadline, "no rag_backup_last_success_timestamp_seconds"
         time.sleep(2)
 
+
+@dataclass(frozen=True)
+class ScheduledBackup:
+    stack: str
+    slot: dt.datetime
+    newest_before: float  # the newest backup time Prometheus had before the schedule
+
+
+def schedule_a_backup_a_minute_ahead(stacks: Stacks, stack: str) -> ScheduledBackup:
+    """`backupTime` set to the next whole minute at least SCHEDULE_LEAD_S ahead and
+    re-applied as `pulumi up` does: only the backup job (and the migration job, which
+    every deploy runs) is replaced, and the new job is up before its slot, so the run at
+    the slot is the scheduled one, not a start-up catch-up."""
+    newest_before = backup_metric(published_port(stacks, stack, "prometheus", 9090))
+    assert newest_before is not None, f"{stack} has no backup yet (the start-up catch-up)"
     now = dt.datetime.now(dt.UTC)
     slot = (now + dt.timedelta(seconds=SCHEDULE_LEAD_S + 60)).replace(second=0, microsecond=0)
-    replaced = redeploy(stacks, "staging", backupTime=slot.strftime("%H:%M"))
-    assert set(replaced) == {"rag-staging-backup", "rag-staging-postgres-migrate"}
-    backup = stacks.name("staging", "backup")
+    replaced = redeploy(stacks, stack, backupTime=slot.strftime("%H:%M"))
+    assert set(replaced) == {f"rag-{stack}-backup", f"rag-{stack}-postgres-migrate"}
+    backup = stacks.name(stack, "backup")
     started = stacks.applier.docker.inspect("container", backup)["State"]["StartedAt"]
-    # Up before its slot: the run below is the scheduled one, not a start-up catch-up.
     assert dt.datetime.fromisoformat(started[:19]).replace(tzinfo=dt.UTC) < slot, started
+    return ScheduledBackup(stack, slot, newest_before)
 
-    deadline = time.monotonic() + (slot - now).total_seconds() + SCHEDULED_RUN_TIMEOUT_S
+
+def check_the_scheduled_backup(stacks: Stacks, scheduled: ScheduledBackup) -> None:
+    """The backup was taken in its minute, `verify` accepts it, and Prometheus has its
+    time (node_exporter's textfile collector, scraped over the declared networks)."""
+    stack, slot = scheduled.stack, scheduled.slot
+    port = published_port(stacks, stack, "prometheus", 9090)
+    deadline = time.monotonic() + max(0.0, slot.timestamp() - time.time())
+    deadline += SCHEDULED_RUN_TIMEOUT_S
     while (newest := backup_metric(port) or 0.0) < slot.timestamp():
         assert time.monotonic() < deadline, f"no backup at {slot:%H:%M} (newest {newest})"
         time.sleep(2)
+    backup = stacks.name(stack, "backup")
     backup_id = stacks.applier.docker.run(
         "exec", backup, "python3", "-m", "rag_backup", "resolve", "latest", timeout=60
     ).strip()
     taken = dt.datetime.strptime(backup_id, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
     assert slot <= taken < slot + dt.timedelta(minutes=1), (backup_id, slot)
-    assert catch_up < taken.timestamp() <= newest, (catch_up, backup_id, newest)
+    assert scheduled.newest_before < taken.timestamp() <= newest, (scheduled, backup_id, newest)
     done = stacks.applier.docker.call(
         "exec", backup, "python3", "-m", "rag_backup", "verify", backup_id, timeout=300
     )
@@ -495,16 +517,19 @@ def wait_for_mail(
         time.sleep(5)
 
 
-def test_a_redis_outage_mails_redis_down_through_alertmanager_and_the_resolved_mail_after(
+def test_a_redis_outage_mails_redis_down_and_resolved_while_the_other_stack_backs_up_on_time(
     stacks: Stacks, smtp_sink_tls: RedisTLSFiles, tmp_path: Path
 ) -> None:
     """Staging's Redis stopped: Alertmanager (trusting the sink's CA as the official image
     trusts a public one) mails RedisDown over STARTTLS with the declared login to an SMTP
     sink container named like the stack's ``smtpHost``; Redis back: the resolved mail.
+    Meanwhile prod, given a `backupTime` a minute ahead, takes its scheduled backup in that
+    minute (a user's schedule; an outage in one stack is nothing to the other).
 
     On the stack's own timings (RedisDown `for: 1m`; staging's alertGroupWait 10s and
     alertGroupInterval 30s, STACK_OVERRIDES): ~1.5 min to the firing mail, under a
-    minute more to the resolved one. Runs last in this module and leaves Redis healthy.
+    minute more to the resolved one; prod's slot is 20-80 s ahead, inside that wait.
+    Runs last in this module and leaves Redis healthy.
     """
     run = stacks.runs["staging"]
     firing_budget, resolved_budget = alert_mail_budget_s(stacks, "staging", "RedisDown")
@@ -513,6 +538,7 @@ def test_a_redis_outage_mails_redis_down_through_alertmanager_and_the_resolved_m
     stopped_at = time.time()
     stacks.applier.docker.run("stop", redis, timeout=120)
     try:
+        scheduled = schedule_a_backup_a_minute_ahead(stacks, "prod")
         firing = wait_for_mail(
             sink, ("[staging]", "FIRING", "RedisDown"), stopped_at, firing_budget
         )
@@ -533,4 +559,5 @@ def test_a_redis_outage_mails_redis_down_through_alertmanager_and_the_resolved_m
     )
     assert {k: resolved[k] for k in expected_envelope} == expected_envelope, resolved
     assert not sink.failed_logins()
+    check_the_scheduled_backup(stacks, scheduled)
     wait_all_healthy(stacks, "staging")
