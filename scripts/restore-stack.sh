@@ -235,18 +235,8 @@ docker run --rm --network none --user 0:0 --cap-drop ALL --cap-add CHOWN --cap-a
   --entrypoint sh "$image" -c "$give_back" \
   || bring_back "giving the restored files back to their owners failed (the data is restored)"
 
-wait_healthy() { # container -> 0 once healthy (5 min at most); prints the last state
-  # Polled every second: services check their health every second while starting
-  # (HEALTH_START_INTERVAL), and every second here is a second of downtime.
-  local state=""
-  for _ in $(seq 1 300); do
-    state=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1")
-    [ "$state" = healthy ] && break
-    sleep 1
-  done
-  echo "$state"
-  [ "$state" = healthy ]
-}
+# shellcheck source=scripts/lib/wait-healthy.sh
+source "$(dirname "$0")/lib/wait-healthy.sh"
 
 echo "restore-stack: starting ${start_order[*]}"
 postgres_container=$(n "$stack" postgres)

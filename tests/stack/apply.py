@@ -318,6 +318,7 @@ class StackApplier:
     # Serializes network/volume creation and host-port choice (containers are applied
     # in parallel, as the Pulumi engine applies independent resources).
     lock: threading.Lock = field(default_factory=threading.Lock)
+    claimed: set[str] = field(default_factory=set)  # networks and volumes being made now
     # Local images are built once, by one thread (LocalImages keeps no lock of its own).
     image_lock: threading.Lock = field(default_factory=threading.Lock)
     health: HealthBoard = field(init=False)
@@ -341,6 +342,16 @@ class StackApplier:
             timeout=120,
             check=False,
         )
+
+    def _claim(self, name: str, made: list[str], mine: set[str]) -> bool:
+        """True for the one caller that is to create ``name`` (not made before, not
+        being made by another thread of this applier); recorded in ``mine``."""
+        with self.lock:
+            if name in made or name in self.claimed:
+                return False
+            self.claimed.add(name)
+            mine.add(name)
+            return True
 
     def host_command(self, record: Recorded, applied: Applied) -> None:
         """pulumi-command's local Command, as it runs it (a non-zero exit fails the
@@ -501,18 +512,28 @@ class StackApplier:
         """Apply ``run``; ``only`` limits which containers are made (their dependencies
         outside the selection are not waited for)."""
         applied = Applied(run.stack)
+        # Networks and volumes depend on nothing: made in parallel, as the engine does;
+        # the host command (the firewall names the networks) after them.
+        creations: list[Callable[[], Any]] = []
+        claimed: set[str] = set()
+        host_commands: list[Recorded] = []
         for record in run.resources:
             if record.typ.startswith(NO_ENGINE_OBJECT) or record.typ in (CONTAINER, IMAGE):
                 continue
             if record.typ == LOCAL_COMMAND:
-                self.host_command(record, applied)
+                host_commands.append(record)
             elif record.typ == NETWORK:
                 plan = plan_network(record.inputs, self.rename)
-                with self.lock:
-                    if plan.name not in self.objects.networks:
-                        self.objects.create_network(
-                            plan.name, plan.internal, plan.driver, plan.options
+                if self._claim(plan.name, self.objects.networks, claimed):
+                    creations.append(
+                        functools.partial(
+                            self.objects.create_network,
+                            plan.name,
+                            plan.internal,
+                            plan.driver,
+                            plan.options,
                         )
+                    )
             elif record.typ == VOLUME:
                 unknown = sorted(
                     k for k, v in record.inputs.items() if v is not None and k not in VOLUME_INPUTS
@@ -522,19 +543,24 @@ class StackApplier:
                         f"volume {record.inputs['name']}: inputs {unknown} not applied"
                     )
                 name = self.rename(record.inputs["name"])
-                with self.lock:
-                    if name not in self.objects.volumes:
-                        labels = [
-                            arg
-                            for label in record.inputs.get("labels") or []
-                            for arg in ("--label", f"{label['label']}={label['value']}")
-                        ]
-                        self.objects.volumes.append(name)
-                        self.docker.run(
-                            "volume", "create", "--label", self.objects.label, *labels, name
-                        )
+                if self._claim(name, self.objects.volumes, claimed):
+                    labels = [
+                        arg
+                        for label in record.inputs.get("labels") or []
+                        for arg in ("--label", f"{label['label']}={label['value']}")
+                    ]
+                    self.objects.volumes.append(name)
+                    argv = ["volume", "create", "--label", self.objects.label, *labels, name]
+                    creations.append(functools.partial(self.docker.run, *argv))
             else:
                 raise ApplyError(f"resource type {record.typ} ({record.name}) is not applied")
+        try:
+            in_threads(creations)
+        finally:
+            with self.lock:  # made now (in the objects' lists), or failed
+                self.claimed -= claimed
+        for record in host_commands:
+            self.host_command(record, applied)
 
         selected = [r for r in run.resources if r.typ == CONTAINER and (only is None or only(r))]
         names = {r.name for r in selected}

@@ -195,6 +195,15 @@ def all_healthy(stacks: Stacks, stack: str) -> dict[str, str]:
     return states
 
 
+def wait_all_healthy(stacks: Stacks, stack: str, timeout: float = 300) -> None:
+    """Until Docker itself reports every service healthy: restore-stack.sh returns once
+    each passes its own healthcheck, up to HEALTH_INTERVAL before Docker's next check."""
+    deadline = time.monotonic() + timeout
+    while set((states := all_healthy(stacks, stack)).values()) != {"healthy"}:
+        assert time.monotonic() < deadline, states
+        time.sleep(1)
+
+
 def test_restore_stack_brings_back_the_backed_up_data_after_data_loss(stacks: Stacks) -> None:
     assert marker(stacks, "staging", "PUT", "kept-by-backup") == PRESENT
     take_backup(stacks, "staging")
@@ -206,7 +215,7 @@ def test_restore_stack_brings_back_the_backed_up_data_after_data_loss(stacks: St
 
     assert marker(stacks, "staging", "GET", "kept-by-backup") == PRESENT
     assert marker(stacks, "staging", "GET", "after-backup") == ABSENT
-    assert set(all_healthy(stacks, "staging").values()) == {"healthy"}
+    wait_all_healthy(stacks, "staging")
 
 
 def test_restore_staging_from_prod_brings_prods_data_and_only_its_passphrase(
@@ -227,7 +236,7 @@ def test_restore_staging_from_prod_brings_prods_data_and_only_its_passphrase(
         "postgres": "sealed with another key",
     }
     assert marker(stacks, "staging", "GET", "staging-only") == ABSENT
-    assert set(all_healthy(stacks, "staging").values()) == {"healthy"}
+    wait_all_healthy(stacks, "staging")
     # Prod untouched: still healthy, its data still there.
     assert all_healthy(stacks, "prod") == prod_state
     assert marker(stacks, "prod", "GET", "from-prod") == PRESENT
@@ -292,16 +301,9 @@ def test_restore_staging_to_a_time_between_two_markers_brings_postgres_back_to_i
     assert marker(stacks, "staging", "GET", "pitr-b") == PRESENT
     # Only PostgreSQL went back in time: Redis and Chroma still hold the later marker.
     assert marker(stacks, "staging", "GET", "pitr-c") == {**PRESENT, "postgres": "absent"}
-    assert set(all_healthy(stacks, "staging").values()) == {"healthy"}
+    wait_all_healthy(stacks, "staging")
     assert all_healthy(stacks, "prod") == prod_state
     assert marker(stacks, "prod", "GET", "pitr-prod") == PRESENT
-
-
-def wait_all_healthy(stacks: Stacks, stack: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while set((states := all_healthy(stacks, stack)).values()) != {"healthy"}:
-        assert time.monotonic() < deadline, states
-        time.sleep(3)
 
 
 def test_a_restore_that_fails_midway_leaves_every_store_as_it_was_and_services_running(
@@ -514,7 +516,7 @@ def wait_for_mail(
             f"no mail {subject_has} within {timeout:.0f}s; received: "
             f"{[m['subject'] for m in sink.mails()]}; refused logins: {sink.failed_logins()!r}"
         )
-        time.sleep(5)
+        time.sleep(1)
 
 
 def test_a_redis_outage_mails_redis_down_and_resolved_while_the_other_stack_backs_up_on_time(
@@ -527,7 +529,7 @@ def test_a_redis_outage_mails_redis_down_and_resolved_while_the_other_stack_back
     minute (a user's schedule; an outage in one stack is nothing to the other).
 
     On the stack's own timings (RedisDown `for: 1m`; staging's alertGroupWait 10s and
-    alertGroupInterval 30s, STACK_OVERRIDES): ~1.5 min to the firing mail, under a
+    alertGroupInterval 15s, STACK_OVERRIDES): ~1.5 min to the firing mail, under a
     minute more to the resolved one; prod's slot is 20-80 s ahead, inside that wait.
     Runs last in this module and leaves Redis healthy.
     """
