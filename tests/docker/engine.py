@@ -7,9 +7,11 @@ the end -- never anything else on the engine.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -22,6 +24,9 @@ class DockerError(RuntimeError):
         super().__init__(f"docker {' '.join(args[:3])} ... exited {returncode}: {stderr.strip()}")
         self.returncode = returncode
         self.stderr = stderr
+
+
+REMOVE_WORKERS = 8  # parallel `docker rm` calls in a cleanup
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,11 @@ class DockerObjects:
         self.docker.run("create", "--name", name, "--label", self.label, *create_args)
         return name
 
+    def _remove(
+        self, kind: str, force: Sequence[str], name: str
+    ) -> subprocess.CompletedProcess[bytes]:
+        return self.docker.call(kind, "rm", *force, name, timeout=60)
+
     def remove_all(self) -> list[str]:
         """Remove every object made here; the errors (other than 'already gone')."""
         errors: list[str] = []
@@ -117,8 +127,12 @@ class DockerObjects:
             ("network", self.networks, []),
             ("volume", self.volumes, ["-f"]),
         ):
-            for name in reversed(names):
-                done = self.docker.call(kind, "rm", *force, name, timeout=60)
+            # Each kind in parallel (nothing of one kind needs another of it gone first):
+            # a stack's ~60 containers one by one took ~10 s.
+            targets = list(reversed(names))
+            with ThreadPoolExecutor(max_workers=REMOVE_WORKERS) as pool:
+                removals = list(pool.map(functools.partial(self._remove, kind, force), targets))
+            for name, done in zip(targets, removals, strict=True):
                 stderr = done.stderr.decode(errors="replace")
                 if done.returncode != 0 and "No such" not in stderr and "not found" not in stderr:
                     errors.append(f"{kind} {name}: {stderr.strip()}")
