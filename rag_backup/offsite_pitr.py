@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from rag_backup import offsite_wal, pitr, wal
 from rag_backup.errors import BackupError
+from rag_backup.progress import log
 from rag_backup.store import BackupStore
 
 if TYPE_CHECKING:  # offsite imports this module
@@ -107,13 +108,11 @@ def plan_remote(
             )
         candidates = chosen
     else:
-        candidates = [
-            r
-            for r in remote
-            if r.verified_ok
-            and "physical" in r.as_entry().pg_forms
-            and not made_here(store, r.backup_id)
-        ]
+        physical = [r for r in remote if r.verified_ok and "physical" in r.as_entry().pg_forms]
+        candidates = [r for r in physical if not made_here(store, r.backup_id)]
+        for r in physical:
+            if r not in candidates:
+                log(f"offsite: passing over {r.backup_id}: this host made it ({store.root})")
     if not candidates:
         raise pitr.TargetOutOfRange(
             f"{pitr.ARGUMENT}: no verified base backup {where} that this host did not make; "

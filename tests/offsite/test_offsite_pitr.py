@@ -88,8 +88,9 @@ def test_the_vps_is_gone_pitr_pulls_only_what_the_target_needs_and_never_overwri
         assert _index(new.backup_dir) == own_wal  # the new host's archive untouched
 
         # The lost host's backup, and only the WAL up to the first cycle past the target.
-        pulled = _ok(run_cli(["offsite", "pull", "--target-time", _iso(between)], env_b))
-        assert pulled.strip() == backup
+        pulled = run_cli(["offsite", "pull", "--target-time", _iso(between)], env_b)
+        assert _ok(pulled).strip() == backup
+        assert f"passing over {own}: this host made it" in pulled.stderr
         assert own != backup and not (landing / own).exists()
         # Archived from the backup's start through that cycle, before the next one began.
         next_cycle = min(c["at"] for c in host_a["cycles"] if c["at"] > reached)
