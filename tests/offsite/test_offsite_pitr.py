@@ -86,6 +86,20 @@ def test_the_vps_is_gone_pitr_pulls_only_what_the_target_needs_and_never_overwri
             assert "nothing was pulled" in refused.stderr
             assert not landing.exists()
         assert _index(new.backup_dir) == own_wal  # the new host's archive untouched
+        # A segment lost off-host between the backup and the time: the chain does not reach
+        # it, so the time is out of range too (the same rules as pitr.plan), nothing pulled.
+        assert sftp_target.files is not None
+        remote_index = sftp_target.files / "wal" / host_a["system_identifier"] / "index.json"
+        intact = remote_index.read_bytes()
+        gap = json.loads(intact)
+        after_backup = sorted(n for n, s in gap["segments"].items() if s["archived_at"] >= created)
+        del gap["segments"][after_backup[1]]
+        remote_index.write_text(json.dumps(gap))
+        broken = run_cli(["offsite", "pull", "--target-time", _iso(between)], env_b)
+        remote_index.write_bytes(intact)
+        assert broken.returncode == 2, broken.stderr
+        assert "is outside what is archived off-host" in broken.stderr, broken.stderr
+        assert not landing.exists()
 
         # The lost host's backup, and only the WAL up to the first cycle past the target.
         pulled = run_cli(["offsite", "pull", "--target-time", _iso(between)], env_b)
