@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get(RETENTION_ENV[period], str(default)),
         )
     prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
-    offsite.add_offsite_parser(sub, _add_common, _add_metrics, _positive_int)
+    offsite.add_offsite_parser(sub, _add_common, _add_metrics, _positive_int, _add_target)
     return parser
 
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag_backup import offsite_wal, ops, wal
+from rag_backup import offsite_pitr, offsite_wal, ops, wal
 from rag_backup.crypto import AGE_MAGIC, GPG_FIRST_BYTES
-from rag_backup.errors import BackupError
+from rag_backup.errors import BackupError, BadArgument
 from rag_backup.metrics import read_samples, write_atomic
 from rag_backup.procs import Proc, last_lines
 from rag_backup.progress import Progress, human_bytes, log
@@ -590,32 +590,67 @@ def pull(target: Target, store: BackupStore, backup_id: str | None, with_wal: bo
         if chosen.manifest is None:
             raise BackupError(f"remote backup {chosen.backup_id}: {chosen.problem}")
         wal_pull = offsite_wal.alongside(rclone, store, chosen.manifest, with_wal)
-        with store.lock("offsite pull"), wal_pull:
-            final = store.root / chosen.backup_id
-            if _pulled_before(final, chosen):
-                log(f"offsite: {chosen.backup_id} was pulled into {final} before; not again")
-                return chosen.backup_id
-            if final.exists():
-                raise BackupError(
-                    f"{final} already exists; restore from it, or move it away to pull again"
-                )
-            tmp = store.temp_dir_for(chosen.backup_id)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(mode=0o700)
-            try:
-                _download_checked(rclone, chosen, tmp)
-                record = {"remote": target.remote, "manifest_sha256": chosen.manifest_sha256}
-                (tmp / PULLED).write_text(json.dumps(record))
-                fsync_dir(tmp)
-                os.rename(tmp, final)
-                fsync_dir(store.root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        log(f"offsite: pulled {chosen.backup_id} into {final}")
-        return chosen.backup_id
+        return _pull_into(rclone, store, chosen, wal_pull)
     finally:
         rclone.close()
+
+
+def pull_for_pitr(
+    target: Target, store: BackupStore, backup_id: str | None, target_time: float | None
+) -> str:
+    """A point-in-time recovery on a new host (offsite_pitr): resolve ``target_time`` (None:
+    the end of the off-host WAL) against the off-host copies -- refused with the ranges
+    before anything is downloaded -- then pull the base backup it starts from and only the
+    WAL it needs into BACKUP_DIR/offsite-pitr. ``store``: the stack's own BACKUP_DIR (its
+    own backups are never the ones pulled)."""
+    rclone = Rclone(target)
+    try:
+        plan = offsite_pitr.plan_remote(
+            rclone, remote_backups(rclone), store, target_time, backup_id
+        )
+        log(
+            f"offsite: recoverable {plan.window.describe()} off-host; pulling it with "
+            f"{len(plan.segments)} WAL segment(s) into {store.root / offsite_pitr.PULL_DIR}"
+        )
+        assert plan.backup.manifest is not None
+        landing = offsite_pitr.pull_store(store)
+        planned = offsite_pitr.wal_plan(plan)
+        wal_pull = offsite_wal.alongside(rclone, landing, plan.backup.manifest, True, planned)
+        return _pull_into(rclone, landing, plan.backup, wal_pull)
+    finally:
+        rclone.close()
+
+
+def _pull_into(
+    rclone: Rclone,
+    store: BackupStore,
+    chosen: RemoteBackup,
+    wal_pull: contextlib.AbstractContextManager[None],
+) -> str:
+    with store.lock("offsite pull"), wal_pull:
+        final = store.root / chosen.backup_id
+        if _pulled_before(final, chosen):
+            log(f"offsite: {chosen.backup_id} was pulled into {final} before; not again")
+            return chosen.backup_id
+        if final.exists():
+            raise BackupError(
+                f"{final} already exists; restore from it, or move it away to pull again"
+            )
+        tmp = store.temp_dir_for(chosen.backup_id)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        try:
+            _download_checked(rclone, chosen, tmp)
+            record = {"remote": rclone.target.remote, "manifest_sha256": chosen.manifest_sha256}
+            (tmp / PULLED).write_text(json.dumps(record))
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+            fsync_dir(store.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log(f"offsite: pulled {chosen.backup_id} into {final}")
+    return chosen.backup_id
 
 
 def made_here(store: BackupStore, backup_id: str) -> bool:
@@ -753,6 +788,7 @@ def add_offsite_parser(
     add_common: Callable[[argparse.ArgumentParser], None],
     add_metrics: Callable[[argparse.ArgumentParser], None],
     keep_option: Callable[[str], Callable[[str], int]],
+    add_target: Callable[[argparse.ArgumentParser, str], None],
 ) -> None:
     offsite = sub.add_parser(
         "offsite",
@@ -801,6 +837,13 @@ def add_offsite_parser(
                 "BACKUP_DIR/wal, for restore --pg-mode physical --target-time/--target latest "
                 "(BACKUP_DIR must not hold another cluster's WAL archive: use a fresh one)",
             )
+            add_target(
+                parser,
+                "point-in-time recovery on a new host: resolve the time against the off-host "
+                "copies first, then pull the base backup it starts from and only the WAL it "
+                f"needs into BACKUP_DIR/{offsite_pitr.PULL_DIR} (for restore-stack.sh "
+                f"--backups-subdir {offsite_pitr.PULL_DIR}); ID, when given, is that base backup",
+            )
         if action == "prune":
             for period, default in (("daily", "7"), ("weekly", "4"), ("monthly", "6")):
                 env = f"RAG_BACKUP_KEEP_{period.upper()}"
@@ -847,6 +890,11 @@ def cmd_offsite(args: argparse.Namespace, progress: Progress) -> int:
     if action == "pull":
         store = _store(args, required=True)
         assert store is not None
+        if args.target_time is not None and args.target is not None:
+            raise BadArgument("--target-time and --target latest exclude each other; give one")
+        if args.target_time is not None or args.target is not None:
+            print(pull_for_pitr(target, store, args.backup_id, args.target_time))
+            return 0
         print(pull(target, store, args.backup_id, with_wal=args.with_wal))
         return 0
     if action in ("wal-push", "wal-verify"):

@@ -555,6 +555,15 @@ def plan_wal_pull(rclone: Rclone, store: BackupStore, manifest: dict[str, Any]) 
     if not names:
         raise BackupError(f"no off-host WAL archived after backup {backup_id} (system {system})")
     _check_consecutive(names, system)
+    plan = WalPlan(system, index, names)
+    check_local(store, plan)
+    return plan
+
+
+def check_local(store: BackupStore, plan: WalPlan) -> None:
+    """The planned segments can land in ``store``'s WAL archive without overwriting
+    anything: it holds no other cluster's WAL, and no planned segment there differs."""
+    system, index, names = plan.system, plan.index, plan.names
     local = wal.read_index(store) if (wal.wal_dir(store) / wal.INDEX).exists() else None
     if local is not None:
         others = {
@@ -572,7 +581,6 @@ def plan_wal_pull(rclone: Rclone, store: BackupStore, manifest: dict[str, Any]) 
             mine = local["segments"].get(name)
             if mine is not None and mine.get("sha256") != index["segments"][name]["sha256"]:
                 raise BackupError(f"{name} differs from the one in {wal.wal_dir(store)}")
-    return WalPlan(system, index, names)
 
 
 def _segno(name: str) -> int:
@@ -595,18 +603,25 @@ def _check_consecutive(names: list[str], system: str) -> None:
 
 @contextlib.contextmanager
 def alongside(
-    rclone: Rclone, store: BackupStore, manifest: dict[str, Any], with_wal: bool
+    rclone: Rclone,
+    store: BackupStore,
+    manifest: dict[str, Any],
+    with_wal: bool,
+    planned: WalPlan | None = None,
 ) -> Iterator[None]:
     """Around pulling a base backup (``with_wal``; else nothing): plan its WAL (refusing a
     store whose archive is another cluster's) and download every planned segment into a
     private folder beside BACKUP_DIR/wal, each checked against the (validated) remote index,
     before the backup is pulled; once the pull succeeded (also when it found the backup
     already there), move them into BACKUP_DIR/wal and write its index last. A failure
-    anywhere leaves BACKUP_DIR/wal as it was; the private folder goes in any case."""
+    anywhere leaves BACKUP_DIR/wal as it was; the private folder goes in any case.
+    ``planned``: these segments (a point-in-time plan, offsite_pitr), not every one since."""
     if not with_wal:
         yield
         return
-    plan = plan_wal_pull(rclone, store, manifest)
+    if planned is not None:
+        check_local(store, planned)
+    plan = planned or plan_wal_pull(rclone, store, manifest)
     store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-wal-pull-", dir=store.root))
     try:
@@ -624,6 +639,11 @@ def _fetch(rclone: Rclone, store: BackupStore, plan: WalPlan, tmp: Path) -> None
         have = target / item["file"]
         if have.is_file() and file_sha256(have) == (item["size"], item["sha256"]):
             continue
+        if os.path.lexists(have):  # not in its index (checked): still never overwritten
+            raise BackupError(
+                f"{have} is there and differs from the off-host {name}; not overwritten: "
+                "move it away, or pull into a fresh --backup-dir; nothing was written"
+            )
         path = tmp / item["file"]
         rclone.download(lineage_path(rclone, plan.system, item["file"]), path)
         size, digest = file_sha256(path)

@@ -276,17 +276,43 @@ def drill_postgres_physical(ctx: DrillContext) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def drill_postgres_pitr(ctx: DrillContext) -> None:
-    """Point-in-time recovery of the base backup to a random time between two WAL archive
-    cycles after it: the earlier cycle's marker transaction must be committed in the
-    recovered copy, the later one's must not exist."""
-    entry, component = ctx.entry, ctx.entry.manifest["components"]["postgres"]
-    window = wal.drill_window(ctx.cfg.store, backup_end_time(entry))
+def _drill_pitr_plan(
+    store: BackupStore, entry: BackupEntry
+) -> tuple[dict[str, Any], dict[str, Any], float, pitr.Plan] | None:
+    """Two archive cycles after the base backup (in the WAL history it belongs to), a random
+    time between them, and the operator's plan to that time (pitr.plan, as ``restore
+    --target-time`` and restore-stack.sh's resolve make it: range check, the segments it
+    needs). The archive must reach its last cycle of that history from the backup: a gap
+    anywhere fails the drill with the archived range (pitr.TargetOutOfRange), as the
+    operator's restore to such a time would be refused. None: no two such cycles."""
+    index = wal.read_index(store)
+    history_end = pitr.next_history(entry, index)
+    window = [c for c in wal.drill_window(store, backup_end_time(entry)) if c["at"] < history_end]
+    if len(window) < 2:
+        return None
+    pitr.plan(store, float(window[-1]["at"]), entry.backup_id)  # the whole window reachable
     # Not a secret: any time in the window will do, a different one each drill.
     pick = random.randrange(len(window) - 1)  # noqa: S311
     before, after = window[pick], window[pick + 1]
     share = random.uniform(0.25, 0.75)  # noqa: S311
     target = before["at"] + (after["at"] - before["at"]) * share
+    return before, after, target, pitr.plan(store, target, entry.backup_id)
+
+
+def drill_postgres_pitr(ctx: DrillContext) -> None:
+    """Point-in-time recovery of the base backup to a random time between two WAL archive
+    cycles after it, resolved and staged through the operator's path (_drill_pitr_plan): the
+    earlier cycle's marker transaction must be committed in the recovered copy, the later
+    one's must not exist."""
+    entry, component = ctx.entry, ctx.entry.manifest["components"]["postgres"]
+    planned = _drill_pitr_plan(ctx.cfg.store, entry)
+    if planned is None:
+        log(
+            "drill: postgres point-in-time recovery skipped: the WAL archive follows another "
+            "history (the cluster was restored) before two cycles after this backup"
+        )
+        return
+    before, after, target, plan = planned
     bin_dir = find_server_bin_dir(ctx.cfg.pg_bin_dir)
     root = Path(tempfile.mkdtemp(prefix="rag-drill-pitr-", dir=ctx.server_root))
     try:
@@ -306,6 +332,7 @@ def drill_postgres_pitr(ctx: DrillContext) -> None:
             segments,
             ctx.progress,
             ctx.cfg.jobs,
+            only=frozenset(plan.segments),
         )
         if os.geteuid() == 0:
             for path in segments.iterdir():
@@ -343,7 +370,10 @@ def drill_postgres_pitr(ctx: DrillContext) -> None:
             ),
             probe=markers,
         )
-        log(f"drill: postgres point-in-time recovery to {wal.describe_time(target)} ok")
+        log(
+            f"drill: postgres point-in-time recovery to {wal.describe_time(target)} ok "
+            f"({len(plan.segments)} WAL segment(s) of {plan.window.describe()})"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

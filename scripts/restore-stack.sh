@@ -16,6 +16,9 @@
 # base backup, with a warning. Implies the physical mode: not with --logical or --from.
 # --key-volume: a volume holding secrets/backup_passphrase, for backups made under another
 # key (a host rebuilt from nothing, docs/disaster_recovery.md).
+# --backups-subdir NAME: restore from the store in the backups volume's folder NAME (its own
+# backup folders and wal/) instead of the volume's top: offsite-pitr, where
+# offsite-restore.sh --target-time pulls a lost host's base backup and WAL.
 #
 # PostgreSQL comes back from the physical base backup (copy speed; PostgreSQL is stopped
 # and its cluster directory swapped) when the cluster lives in a subdirectory of its
@@ -38,11 +41,11 @@
 # RAG_NAME_PREFIX (default rag-) is the prefix of the stack's container and volume names.
 set -euo pipefail
 
-usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--components LIST] [--yes] [--target-time ISO-TIME | --target latest]" >&2; exit 2; }
+usage() { echo "usage: $0 STACK [--from SOURCE_STACK] [--id BACKUP_ID] [--logical] [--key-volume VOLUME] [--components LIST] [--yes] [--target-time ISO-TIME | --target latest] [--backups-subdir NAME]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 stack="$1"; shift
 source_stack="$stack"; backup_id=""; assume_yes=""; force_logical=""; key_volume=""; components=()
-target=()
+target=(); backups_subdir=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) source_stack="${2:?}"; shift 2 ;;
@@ -50,6 +53,7 @@ while [ $# -gt 0 ]; do
     --yes) assume_yes=1; shift ;;
     --logical) force_logical=1; shift ;;
     --key-volume) key_volume="${2:?}"; shift 2 ;;
+    --backups-subdir) backups_subdir="${2:?}"; shift 2 ;;
     --components) components=(--components "${2:?}"); components[1]="${components[1]// /}"; shift 2 ;;
     --target-time) target=(--target-time "${2:?}"); shift 2 ;;
     --target)
@@ -74,6 +78,8 @@ if [ ${#target[@]} -gt 0 ]; then
     *) echo "restore-stack: ${target[0]} needs postgres in --components (got '${components[1]}')" >&2; exit 2 ;;
   esac
 fi
+# One folder name, never a path: the store stays inside the stack's backups volume.
+[ -z "$backups_subdir" ] || [[ "$backups_subdir" =~ ^[a-z0-9][a-z0-9-]*$ ]] || { echo "restore-stack: --backups-subdir '$backups_subdir': expected one folder name of lowercase letters, digits and dashes (e.g. offsite-pitr)" >&2; exit 2; }
 prefix="${RAG_NAME_PREFIX:-rag-}"
 [[ "$prefix" =~ ^[a-z0-9][a-z0-9-]*-$ ]] || { echo "restore-stack: RAG_NAME_PREFIX '$prefix' must be lowercase letters, digits and dashes ending in '-'" >&2; exit 2; }
 
@@ -102,7 +108,12 @@ fi
 # The job's environment holds settings and file paths only (secrets are files).
 mapfile -t job_env < <(docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$backup_container" | grep -E '^(PG|REDIS_|CHROMA_DIR|BACKUP_DIR|RAG_BACKUP_)' | grep -v -E '^(RAG_BACKUP_KEY_FILE|RAG_BACKUP_STATE_DIR|PGDATA)=' || true)
 env_args=()
-for e in "${job_env[@]}"; do env_args+=(--env "$e"); done
+for e in "${job_env[@]}"; do
+  if [ -n "$backups_subdir" ] && [[ "$e" == BACKUP_DIR=* ]]; then continue; fi
+  env_args+=(--env "$e")
+done
+# run_job mounts the backups at /backups; the store is that folder inside.
+[ -z "$backups_subdir" ] || env_args+=(--env "BACKUP_DIR=/backups/$backups_subdir")
 
 # The passphrase: the stack's own (in its config volume), the operator's --key-volume, or
 # for --from only the source stack's passphrase file, copied into a throwaway volume.

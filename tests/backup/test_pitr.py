@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import pytest
 
@@ -63,6 +64,8 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     drill = run_cli(["drill", backup.stdout.strip()], stack.env)
     assert drill.returncode == 0, drill.stderr
     assert "drill: postgres point-in-time recovery to" in drill.stderr
+    # Only the segments the operator's plan stages: from the backup's start to the window's end.
+    assert re.search(r"ok \(\d+ WAL segment\(s\) of .* \.\. .* \(base backup ", drill.stderr)
     # The check bites: with the earlier marker pointing at the later transaction, the
     # recovered copy does not have it.
     tampered = json.loads(json.dumps(index))
@@ -72,6 +75,19 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     (wal / "index.json").write_text(json.dumps(index))
     assert bad.returncode == 1
     assert "postgres (PITR): the marker of" in bad.stderr, bad.stderr
+    # The drill resolves its target as the operator's restore does (pitr.plan): with the
+    # segment the last cycle closed lost from the archive, a time in the drill's window is
+    # out of the archived range, and the drill fails with that range (not PostgreSQL's
+    # "recovery ended before the target").
+    gap = json.loads(json.dumps(index))
+    lost = sorted(gap["segments"])[-1]
+    del gap["segments"][lost]
+    (wal / "index.json").write_text(json.dumps(gap))
+    outside = run_cli(["drill", backup.stdout.strip()], stack.env)
+    (wal / "index.json").write_text(json.dumps(index))
+    assert outside.returncode == 1
+    assert "is outside what is archived: expected a time in" in outside.stderr, outside.stderr
+    assert f"(base backup {backup.stdout.strip()})" in outside.stderr
     # The failed drill is the backup's last verification record, and a PITR passes over such
     # a backup; the failure was the tampering's (the index is intact again): drop the record.
     (stack.backup_dir / backup.stdout.strip() / "verification.json").unlink()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rag_backup.offsite_pitr import PULL_DIR
 from tests.scripts.test_restore_script import FAKE_DOCKER, index
 from tests.tooling import require_tool
 
@@ -25,7 +26,12 @@ FAKE = FAKE_DOCKER.replace(
 
 
 def run(
-    tmp_path: Path, *args: str, stdin: str = "", prefix: str | None = None
+    tmp_path: Path,
+    *args: str,
+    stdin: str = "",
+    prefix: str | None = None,
+    fail_on: str = "",
+    fail_code: int = 1,
 ) -> tuple[int, list[str], str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -37,7 +43,8 @@ def run(
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "DOCKER_LOG": str(log),
-        "FAIL_ON": "",
+        "FAIL_ON": fail_on,
+        "FAIL_CODE": str(fail_code),
         "FAKE_PGDATA": "/var/lib/postgresql/data/pgdata",
     }
     if prefix is not None:
@@ -75,12 +82,43 @@ def test_an_explicit_id_is_pulled(tmp_path: Path) -> None:
     assert any("offsite pull 20261120T030000Z" in c for c in calls)
 
 
+def test_a_point_in_time_is_pulled_with_its_wal_then_recovered_from_the_pulled_store(
+    tmp_path: Path,
+) -> None:
+    when = "2026-11-30T16:59:00Z"
+    code, calls, err = run(tmp_path, "prod", "--target-time", when, "--yes")
+    assert code == 0, err
+    pull = index(calls, f"-m rag_backup offsite pull latest --target-time {when}")
+    resolve = index(calls, f"-m rag_backup resolve {PULLED} --target-time {when}")
+    restore = index(calls, f"-m rag_backup restore {PULLED} --components postgres --target-time")
+    assert pull < resolve < restore
+    # Every rag-backup step of restore-stack.sh reads the store the pull filled, never the
+    # stack's own backups or WAL archive.
+    for call in (calls[resolve], calls[restore]):
+        assert f"--env BACKUP_DIR=/backups/{PULL_DIR}" in call
+        assert "--env BACKUP_DIR=/backups " not in call
+
+
+def test_a_time_outside_the_off_host_copy_stops_before_anything_is_stopped(
+    tmp_path: Path,
+) -> None:
+    # rag-backup offsite pull exits 2 with the off-host ranges (tests/offsite proves it).
+    code, calls, err = run(
+        tmp_path, "prod", "--target", "latest", "--yes", fail_on="offsite pull", fail_code=2
+    )
+    assert code == 2
+    assert "nothing was stopped or changed" in err
+    assert not [c for c in calls if c.startswith(("run ", "stop "))]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (("vps",), "unknown stack 'vps'"),
         (("prod", "--id", "../x"), "is not a backup id"),
         (("prod", "--from", "staging"), "usage:"),
+        (("prod", "--target", "earliest"), "--target 'earliest': expected latest"),
+        (("prod", "--target-time", "x", "--logical"), "cannot be combined with --logical"),
     ],
 )
 def test_bad_input_is_refused_before_docker(

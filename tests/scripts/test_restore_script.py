@@ -245,3 +245,24 @@ def test_a_target_outside_the_archive_exits_2_before_anything_stops(tmp_path: Pa
     assert code == 2, err
     assert "nothing was stopped" in err
     assert not any(c.startswith(("stop", "start")) or "rag_backup verify" in c for c in calls)
+
+
+@pytest.mark.parametrize("subdir", ["../etc", "/backups", "a/b", "Offsite"])
+def test_backups_subdir_must_be_one_folder_name(tmp_path: Path, subdir: str) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--backups-subdir", subdir, "--yes")
+    assert (code, calls) == (2, []), err
+    assert "--backups-subdir" in err or "usage:" in err
+
+
+def test_backups_subdir_is_the_store_every_rag_backup_step_reads(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "staging", "--backups-subdir", "offsite-pitr", "--yes")
+    assert code == 0, err
+    steps = [c for c in calls if " -m rag_backup " in c]
+    assert [c.split(" -m rag_backup ")[1].split()[0] for c in steps] == [
+        "resolve",
+        "verify",
+        "restore",
+    ]
+    for call in steps:
+        assert "--env BACKUP_DIR=/backups/offsite-pitr" in call
+        assert "--env BACKUP_DIR=/backups " not in call

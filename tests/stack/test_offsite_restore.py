@@ -5,11 +5,14 @@ the backup job only over the program's offsite egress network. The job copies a 
 off the host; then every container and volume of the stack is removed (the target
 survives), the declarations are applied again as a new host's `pulumi up` would (same
 state and config, so the same secrets; empty volumes), and ``scripts/offsite-restore.sh``
-brings the data back -- after refusing a tampered remote copy without touching anything.
+brings the data back to a point in time (PostgreSQL from the off-host base backup and WAL)
+-- after refusing a tampered remote copy and a time the copy does not reach, without
+touching anything.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -48,6 +51,9 @@ TARGET_START_TIMEOUT_S = 60
 # the textfile volume once both ran.
 SCHEDULER_METRICS = "/textfile/rag_backup_scheduler.prom"
 SCHEDULER_CATCH_UP_TIMEOUT_S = 600
+WAL_CYCLE_TIMEOUT_S = 120
+# Marker commits this far either side of the point-in-time target (seconds).
+TARGET_MARGIN_S = 1.5
 # A row of `rag-backup offsite list`: id, size ("1.2 MiB", or "-"), state.
 OFFSITE_LIST_ROW = re.compile(r"^(?P<id>\S+) +(?:-|\S+ \S+)  (?P<state>\S.*)$")
 
@@ -176,6 +182,32 @@ def offsite_listing(stacks: Stacks) -> dict[str, str]:
     return {row["id"]: row["state"] for row in rows if row}
 
 
+def archive_wal_off_host(stacks: Stacks) -> None:
+    """One WAL cycle and its off-host copy now (the scheduler runs the same every minute;
+    a cycle of its own in progress holds the archive lock: try again)."""
+    deadline = time.monotonic() + WAL_CYCLE_TIMEOUT_S
+    for step in (["wal-archive"], ["offsite", "wal-push"]):
+        while (done := job(stacks, "python3", "-m", "rag_backup", *step)).returncode != 0:
+            output = done.stderr.decode(errors="replace")
+            assert "holds" in output and time.monotonic() < deadline, output[-3000:]
+            time.sleep(2)
+
+
+def off_host_wal(stacks: Stacks, target: SftpTarget) -> str:
+    """For a failure message: each lineage's off-host WAL index (segments: archived_at)."""
+    show = (
+        "import glob, json, sys\n"
+        "for path in sorted(glob.glob(sys.argv[1] + '/wal/*/index.json')):\n"
+        "    index = json.load(open(path))\n"
+        "    segments = {n: s['archived_at'] for n, s in index['segments'].items()}\n"
+        "    print(path, json.dumps({**index, 'segments': segments}))\n"
+    )
+    done = stacks.applier.docker.call(
+        "exec", target.container, "python3", "-c", show, target.copies(STACK)
+    )
+    return (done.stdout + done.stderr).decode(errors="replace")[-6000:]
+
+
 def lose_the_host(applier: StackApplier, target: SftpTarget) -> None:
     """Every container, network and volume of the stack is gone; the target (another
     machine) stays, off the networks that went."""
@@ -247,8 +279,18 @@ def test_offsite_restore_brings_a_lost_hosts_data_back_onto_a_new_host(
         assert private_body[-60:] not in json.dumps([config["Env"], config["Cmd"]]), name
 
     assert marker(old, STACK, "PUT", "kept-off-host") == PRESENT
+    # A host that has run a while: its WAL slot (made by the first cycle, which races with
+    # the start-up backup) exists before the base backup, so the WAL follows it without gap.
+    archive_wal_off_host(old)
     backup_id = run_the_backup_job(old)
     assert marker(old, STACK, "PUT", "after-the-copy") == PRESENT
+    # The last good moment ("16:59"): after-the-copy is before it, past-the-target after;
+    # the WAL holding both reaches the off-host copy (the scheduler's minute cycle, now).
+    time.sleep(TARGET_MARGIN_S)
+    last_good = dt.datetime.now(dt.UTC).isoformat()
+    time.sleep(TARGET_MARGIN_S)
+    assert marker(old, STACK, "PUT", "past-the-target") == PRESENT
+    archive_wal_off_host(old)
     listing = offsite_listing(old)
     assert listing[backup_id].startswith("verified"), listing
     copy = f"{target.copies(STACK)}/{backup_id}"
@@ -284,15 +326,37 @@ def test_offsite_restore_brings_a_lost_hosts_data_back_onto_a_new_host(
     leftovers = job(new, "ls", "-A", "/backups").stdout.decode().split()
     assert not [name for name in leftovers if backup_id in name], leftovers
     assert marker(new, STACK, "GET", "kept-off-host") == ABSENT
+    # A time the off-host copy does not reach: refused with its range, nothing pulled or
+    # stopped.
+    late = offsite_restore(new, STACK, "--target-time", "2099-01-01T00:00:00Z", "--yes")
+    assert late.returncode == 2, late.stdout[-3000:] + late.stderr[-3000:]
+    assert "is outside what is archived off-host" in late.stderr, late.stderr[-3000:]
+    assert f"(base backup {backup_id})" in late.stderr, late.stderr[-3000:] + off_host_wal(
+        new, target
+    )
+    assert "restore-stack" not in late.stdout + late.stderr
+    assert started_at(new) == before
+    assert "offsite-pitr" not in job(new, "ls", "-A", "/backups").stdout.decode().split()
 
-    # The real copy: pulled, checked, restored; every service healthy.
-    done = offsite_restore(new, STACK, "--yes")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The real copy, to the last good moment ("the VPS is gone, and the last good moment
+    # was ..."): the off-host base backup and the WAL up to that time pulled, checked and
+    # restored -- PostgreSQL recovered to the time, Redis and Chroma as of the base backup
+    # (no log to replay); every service healthy.
+    done = offsite_restore(
+        new, STACK, "--target-time", last_good, "--components", "postgres,redis,chroma", "--yes"
+    )
+    assert done.returncode == 0, (
+        done.stdout[-3000:] + done.stderr[-3000:] + off_host_wal(new, target)
+    )
     assert f"passing over {own}" in done.stderr, done.stderr[-3000:]
-    assert f"pulled {backup_id}" in done.stderr, done.stderr[-3000:]
+    assert f"pulled {backup_id} and its WAL into /backups/offsite-pitr" in done.stderr
     assert marker(new, STACK, "GET", "kept-off-host") == PRESENT
-    assert marker(new, STACK, "GET", "after-the-copy") == ABSENT
+    assert marker(new, STACK, "GET", "after-the-copy") == {**ABSENT, "postgres": "present"}
+    assert marker(new, STACK, "GET", "past-the-target") == ABSENT
     assert set(all_healthy(new, STACK).values()) == {"healthy"}, all_healthy(new, STACK)
+    # Beside the stack's own backups and WAL archive, which stay the new cluster's.
+    pulled = job(new, "ls", "-A", "/backups/offsite-pitr").stdout.decode().split()
+    assert backup_id in pulled and "wal" in pulled, pulled
     # The new host carries on (docs/disaster_recovery.md, step 8): WAL archiving of the
     # restored cluster, and the next backup job with its off-host copy.
     wal = job(new, "python3", "-m", "rag_backup", "wal-archive")
