@@ -30,7 +30,7 @@ from tests.pulumi_harness import SECRET_KEYS, ProgramRun, run_program, stack_con
 from tests.stack.apply import Applied, StackApplier
 from tests.stack.conftest import Stacks, image_id
 from tests.stack.images import LocalImages
-from tests.stack.test_stacks import ABSENT, PRESENT, REPO, all_healthy, marker
+from tests.stack.test_stacks import ABSENT, PRESENT, REPO, marker, wait_all_healthy
 from tests.tooling import require_tool
 
 pytestmark = pytest.mark.stack
@@ -353,7 +353,7 @@ def test_offsite_restore_brings_a_lost_hosts_data_back_onto_a_new_host(
     assert marker(new, STACK, "GET", "kept-off-host") == PRESENT
     assert marker(new, STACK, "GET", "after-the-copy") == {**ABSENT, "postgres": "present"}
     assert marker(new, STACK, "GET", "past-the-target") == ABSENT
-    assert set(all_healthy(new, STACK).values()) == {"healthy"}, all_healthy(new, STACK)
+    wait_all_healthy(new, STACK)
     # Beside the stack's own backups and WAL archive, which stay the new cluster's.
     pulled = job(new, "ls", "-A", "/backups/offsite-pitr").stdout.decode().split()
     assert backup_id in pulled and "wal" in pulled, pulled
