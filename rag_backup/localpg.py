@@ -63,21 +63,18 @@ SYNCFS_SINCE_MAJOR = 14
 # Held aside (renamed) while the private server runs on a staged copy.
 AUTO_CONF = "postgresql.auto.conf"
 AUTO_CONF_HELD = "postgresql.auto.conf.rag-held"
-# postmaster.pid: its 8th line is the postmaster's status (PostgreSQL 10+): "starting"
-# while connections are refused, "ready" once they are accepted. Read as a cheap hint.
+# postmaster.pid: its 8th line is the postmaster's status (PostgreSQL 10+), "ready" once it
+# accepts connections. A staged copy's own lock file is removed at extraction
+# (physical.LOCK_FILE), so the status read is the private server's.
 PID_FILE = "postmaster.pid"
 PID_FILE_STATUS_LINE = 7
 PID_FILE_MAX_BYTES = 4096
-STARTING_STATUS = "starting"
 READY_STATUS = "ready"
-# Start-up: the pid file is read every READY_POLL_S (no process started for that); a
-# connection is tried when it says ready (no sooner than READY_RETRY_S after a failed one:
-# a copy's own stale pid file must not make a busy loop), never while it says starting
-# (each try is a psql process taking CPU from the starting server), and every
-# READY_CONNECT_INTERVAL_S when it says neither.
+# Start-up: the status is read every READY_POLL_S (a file read, no process started); only
+# without one (no pid file yet, an older server) is a connection tried instead, every
+# READY_CONNECT_INTERVAL_S (each a psql process taking CPU from the starting server).
 READY_POLL_S = 0.01
-READY_RETRY_S = 0.03
-READY_CONNECT_INTERVAL_S = 0.1
+READY_CONNECT_INTERVAL_S = 0.5
 
 
 def find_server_bin_dir(explicit: Path | None) -> Path:
@@ -226,30 +223,27 @@ class LocalPostgres:
             raise
 
     def _wait_ready(self, timeout_s: float = 600) -> None:
-        """Until a connection succeeds (see READY_POLL_S for when one is tried)."""
+        """Until the server's status is ready, or a connection succeeds."""
         deadline = time.monotonic() + timeout_s
-        failed_at = time.monotonic()  # the server has only just been started
+        tried_at = time.monotonic()  # the server has only just been started
         while True:
             assert self.proc is not None
             if self.proc.popen.poll() is not None:
                 raise BackupError(
                     f"private postgres exited: {last_lines(self.proc.stderr_text(), 4)}"
                 )
-            since = time.monotonic() - failed_at
             status = _pid_file_status(self.data_dir)
-            if (status == READY_STATUS and since >= READY_RETRY_S) or (
-                status != STARTING_STATUS and since >= READY_CONNECT_INTERVAL_S
-            ):
+            if status == READY_STATUS:
+                return
+            if status is None and time.monotonic() - tried_at >= READY_CONNECT_INTERVAL_S:
                 try:
                     psql_value(self.settings, "SELECT 1", "postgres")
                     return
                 except BackupError as error:
                     if "does not exist" in str(error) and "role" in str(error):
                         raise
-                    if time.monotonic() > deadline:
-                        raise
-                failed_at = time.monotonic()
-            elif time.monotonic() > deadline:
+                tried_at = time.monotonic()
+            if time.monotonic() > deadline:
                 raise BackupError(
                     f"private postgres not ready after {timeout_s:.0f}s (status {status})"
                 )

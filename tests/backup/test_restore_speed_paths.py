@@ -5,11 +5,13 @@ start-up sync by syncfs, and the per-phase timings a restore reports."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 from collections.abc import Callable
@@ -266,3 +268,23 @@ def test_pid_file_status_is_read_without_following_a_link_or_blocking(tmp_path: 
     assert localpg._pid_file_status(data) is None
     shutil.copy(outside, data / "postmaster.pid")
     assert localpg._pid_file_status(data) == "ready"
+
+
+def test_a_lock_file_in_the_archive_is_removed_at_extraction(tmp_path: Path) -> None:
+    """pg_basebackup never includes postmaster.pid; one planted in the archive (claiming a
+    ready server with a live PID) must not reach the private server, whose own pid file
+    says when it is ready."""
+    archive = tmp_path / "base.tar"
+    with tarfile.open(archive, mode="w") as tar:
+        for name in (*physical.REQUIRED_MEMBERS, "postmaster.pid"):
+            body = b"1\n/d\n1\n5432\n/tmp\n\n1 2\nready   \n" if name == "postmaster.pid" else b"x"
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    target = tmp_path / "copy"
+    target.mkdir()
+    with open(archive, "rb") as stream:
+        physical.extract_with_tar(stream, target, {})
+    assert not (target / "postmaster.pid").exists()
+    assert localpg._pid_file_status(target) is None
+    assert (target / "backup_label").read_bytes() == b"x"
