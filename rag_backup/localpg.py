@@ -71,10 +71,11 @@ PID_FILE_STATUS_LINE = 7
 PID_FILE_MAX_BYTES = 4096
 READY_STATUS = "ready"
 # Start-up: the status is read every READY_POLL_S (a file read, no process started); only
-# without one (no pid file yet, an older server) is a connection tried instead, every
-# READY_CONNECT_INTERVAL_S (each a psql process taking CPU from the starting server).
+# without one (no pid file yet, an older server, a pid file this user cannot read) is a
+# connection tried instead, every READY_CONNECT_INTERVAL_S (each a psql process taking CPU
+# from the starting server).
 READY_POLL_S = 0.01
-READY_CONNECT_INTERVAL_S = 0.5
+READY_CONNECT_INTERVAL_S = 0.1
 
 
 def find_server_bin_dir(explicit: Path | None) -> Path:

@@ -288,3 +288,35 @@ def test_a_lock_file_in_the_archive_is_removed_at_extraction(tmp_path: Path) -> 
     assert not (target / "postmaster.pid").exists()
     assert localpg._pid_file_status(target) is None
     assert (target / "backup_label").read_bytes() == b"x"
+
+
+@pytest.mark.integration
+def test_private_server_is_found_ready_without_its_pid_file_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the pid file cannot be read (another user, an older server) readiness falls
+    back to connecting, as before; with it, no connection is needed to know."""
+    bin_dir = find_server_bin_dir(None)
+    work = Path(tempfile.mkdtemp(prefix="rag-test-ready-"))
+    work.chmod(0o755)  # the postgres user (the server, when the tests run as root) enters
+    tried: list[str] = []
+    real_psql = localpg.psql_value
+
+    def psql(settings: PostgresSettings, sql: str, database: str) -> str:
+        tried.append(sql)
+        return real_psql(settings, sql, database)
+
+    monkeypatch.setattr(localpg, "psql_value", psql)
+    try:
+        for readable in (True, False):
+            tried.clear()
+            if not readable:
+                monkeypatch.setattr(localpg, "_pid_file_status", lambda data_dir: None)
+            server = LocalPostgres(bin_dir, work, 1)
+            try:
+                assert psql_value(server.settings, "SELECT 1", "postgres") == "1"
+            finally:
+                server.stop()
+            assert ("SELECT 1" in tried) is not readable
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
