@@ -15,12 +15,27 @@ from rag_backup.errors import BackupError
 from rag_backup.procs import Proc, base_env, last_lines, run
 
 SENTINEL = "__rag_backup_end__"
-TABLES_SQL = """
-SELECT coalesce(json_agg(format('%I.%I', n.nspname, c.relname) ORDER BY 1), '[]')
+# Every user table, quoted by format(%I) (one row each, column ``name``).
+TABLE_NAMES_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname) AS name
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
 """
+TABLES_SQL = f"SELECT coalesce(json_agg(name ORDER BY name), '[]') FROM ({TABLE_NAMES_SQL}) t"  # noqa: S608
+# The exact row count of every table in one psql run: the first query builds the same
+# UNION ALL of count(*) as row_counts_sql from the catalog, \gexec runs it in the same
+# session (one process and one connection instead of two; PostgreSQL scans the tables in
+# parallel workers under a Parallel Append). The names are quoted identifiers already.
+ROW_COUNTS_SCRIPT = f"""
+SELECT CASE WHEN count(*) = 0 THEN 'SELECT ''{{}}''::json'
+  ELSE 'SELECT json_object_agg(t, n) FROM ('
+    || string_agg(format('SELECT %L AS t, count(*) AS n FROM %s', name, name), ' UNION ALL '
+                  ORDER BY name)
+    || ') s' END
+FROM ({TABLE_NAMES_SQL}) t
+\\gexec
+"""  # noqa: S608 - constants only
 
 
 @dataclass(frozen=True)
@@ -107,8 +122,15 @@ def row_counts_sql(tables: list[str]) -> str:
 
 
 def row_counts(settings: PostgresSettings, database: str) -> dict[str, int]:
-    tables = json.loads(psql_value(settings, TABLES_SQL, database))
-    counts = json.loads(psql_value(settings, row_counts_sql(tables), database))
+    """Exact row count of every user table (``count(*)``: every row is read)."""
+    out = run(
+        "psql (row counts)",
+        [settings.tool("psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+        env=settings.env(database),
+        input_bytes=ROW_COUNTS_SCRIPT.encode(),
+        timeout=3600,
+    )
+    counts = json.loads(out)
     return {str(k): int(v) for k, v in counts.items()}
 
 

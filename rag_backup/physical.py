@@ -31,6 +31,10 @@ KIND = "pg_basebackup_tar"
 # Files that make a server start archive recovery or standby mode (and run restore_command):
 # a base backup needs neither (its WAL is in the archive); an attacker could have written one.
 SIGNAL_FILES = ("recovery.signal", "standby.signal")
+# A running server's lock file: never in a base backup (pg_basebackup leaves it out). One in
+# the archive could stop the private server from starting, or claim it is ready before it
+# is (its status line is how the restore knows, localpg.LocalPostgres).
+LOCK_FILE = "postmaster.pid"
 # Files every base backup of a cluster holds; verify checks they are in the archive.
 REQUIRED_MEMBERS = ("PG_VERSION", "global/pg_control", "backup_label", "backup_manifest")
 # GNU tar's record size when extracting from the pipe, in 512-byte blocks: 128 (64 KiB)
@@ -39,6 +43,12 @@ REQUIRED_MEMBERS = ("PG_VERSION", "global/pg_control", "backup_label", "backup_m
 TAR_BLOCKING_FACTOR = 128
 # How often the write-back of freshly extracted data is started while tar runs.
 WRITEBACK_INTERVAL_S = 0.1
+# PITR: whether the private server has left recovery is asked (a psql process) every
+# RECOVERY_ASK_INTERVAL_S, and sooner (RECOVERY_RETRY_S after the last time) once its
+# recovery.signal is gone, which is looked at every RECOVERY_POLL_S.
+RECOVERY_ASK_INTERVAL_S = 0.2
+RECOVERY_RETRY_S = 0.03
+RECOVERY_POLL_S = 0.01
 
 
 def start_basebackup(settings: pg.PostgresSettings) -> Proc:
@@ -270,7 +280,7 @@ def extract_with_tar(
     missing = [name for name in REQUIRED_MEMBERS if not (target / name).is_file()]
     if missing:
         raise BackupError(f"physical backup archive lacks {', '.join(missing)}")
-    for name in SIGNAL_FILES:
+    for name in (*SIGNAL_FILES, LOCK_FILE):
         if (target / name).exists():
             log(f"physical backup: removing {name} found in the backup (never honoured)")
             (target / name).unlink()
@@ -479,9 +489,7 @@ def check_pitr_cluster(
         database = str(component["database"])
         deadline = time.monotonic() + timeout_s
         while pg.psql_value(server.settings, "SELECT pg_is_in_recovery()", "postgres") != "f":
-            if time.monotonic() > deadline:
-                raise BackupError("postgres (PITR): recovery did not finish in time")
-            time.sleep(0.2)
+            _until_recovery_may_have_ended(data_dir, deadline)
         settings = pg.PostgresSettings(database, server.settings.libpq_env, jobs, None)
         counts = pg.row_counts(settings, database)
         if probe is not None:
@@ -492,6 +500,22 @@ def check_pitr_cluster(
     if (data_dir / "recovery.signal").exists():
         raise BackupError("postgres (PITR): the server did not leave recovery")
     return counts
+
+
+def _until_recovery_may_have_ended(data_dir: Path, deadline: float) -> None:
+    """Returns when it is worth asking the server again whether it left recovery: once its
+    recovery.signal is gone (it removes the file as archive recovery ends; a stat, no
+    process) or after RECOVERY_ASK_INTERVAL_S in any case."""
+    asked_at = time.monotonic()
+    while True:
+        waited = time.monotonic() - asked_at
+        if waited >= RECOVERY_ASK_INTERVAL_S or (
+            waited >= RECOVERY_RETRY_S and not (data_dir / "recovery.signal").exists()
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise BackupError("postgres (PITR): recovery did not finish in time")
+        time.sleep(RECOVERY_POLL_S)
 
 
 def swap_in(target: PhysicalTarget, staged: Path, backup_id: str) -> str:

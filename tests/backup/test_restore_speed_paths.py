@@ -5,11 +5,13 @@ start-up sync by syncfs, and the per-phase timings a restore reports."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 from collections.abc import Callable
@@ -17,17 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from rag_backup import physical
+from rag_backup import localpg, physical
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_of
 from rag_backup.manifest import PG_PHYSICAL_KIND
-from rag_backup.pg import psql_value
+from rag_backup.pg import PostgresSettings, psql_value, row_counts
 from rag_backup.procs import Proc
 from rag_backup.store import BackupStore
 from rag_backup.stores import artifact, checked_plaintext
 from tests.backup.conftest import Stack
 from tests.backup.helpers import pg_snapshot, run_cli
+from tests.servers import start_postgres
 from tests.tooling import require_tool
 
 WALK_TIMEOUT_S = 30
@@ -203,3 +206,117 @@ def test_start_segment_is_read_early_only_from_a_complete_regular_backup_label(
     assert physical.start_segment_early(data) is None
     (data / "backup_label").write_text(line)
     assert physical.start_segment_early(data) == "000000010000000000000002"
+
+
+@pytest.mark.integration
+def test_row_counts_are_exact_for_every_table_and_catch_a_missing_or_extra_row(
+    tmp_path: Path,
+) -> None:
+    """The restore's row counts (one psql run: the catalog query builds the count query,
+    \\gexec runs it): every user table, names a hostile backup could hold quoted, exact
+    counts, an empty database gives {}; one row missing or extra fails the check."""
+    server = start_postgres(tmp_path)
+    try:
+        settings = PostgresSettings("postgres", server.env(), 1)
+        assert row_counts(settings, "postgres") == {}
+        server.psql(
+            """
+            CREATE SCHEMA "odd schema";
+            CREATE TABLE "odd schema"."we""ird" (x int);
+            CREATE TABLE "it's; DROP TABLE plain; --" (x int);
+            CREATE TABLE plain (x int);
+            INSERT INTO "odd schema"."we""ird" SELECT generate_series(1, 1234);
+            INSERT INTO plain SELECT generate_series(1, 100000);
+            """
+        )
+        expected = {
+            '"odd schema"."we""ird"': 1234,
+            "public.plain": 100000,
+            'public."it\'s; DROP TABLE plain; --"': 0,
+        }
+        counts = row_counts(settings, "postgres")
+        assert counts == expected
+        physical.counts_within(expected, expected, counts, "test")
+        for change, got in (
+            ("DELETE FROM plain WHERE x = 7", 99999),
+            ("INSERT INTO plain VALUES (7), (8)", 100001),
+        ):
+            server.psql(change)
+            with pytest.raises(BackupError, match=rf"public\.plain: expected 100000, got {got}"):
+                physical.counts_within(expected, expected, row_counts(settings, "postgres"), "t")
+    finally:
+        server.stop()
+
+
+def test_pid_file_status_is_read_without_following_a_link_or_blocking(tmp_path: Path) -> None:
+    """The private server's readiness hint reads the staged copy's postmaster.pid: a FIFO
+    must not block, a symlink is not followed, a short file gives nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    assert localpg._pid_file_status(data) is None
+    outside = tmp_path / "pid-elsewhere"
+    outside.write_text("1\n/d\n1\n5432\n/tmp\n\n1 2\nready   \n")
+    (data / "postmaster.pid").symlink_to(outside)
+    assert localpg._pid_file_status(data) is None
+    (data / "postmaster.pid").unlink()
+    os.mkfifo(data / "postmaster.pid")
+    found: list[str | None] = []
+    _within(WALK_TIMEOUT_S, lambda: found.append(localpg._pid_file_status(data)))
+    assert found == [None]
+    (data / "postmaster.pid").unlink()
+    (data / "postmaster.pid").write_text("1\n/d\n1\n5432\n")
+    assert localpg._pid_file_status(data) is None
+    shutil.copy(outside, data / "postmaster.pid")
+    assert localpg._pid_file_status(data) == "ready"
+
+
+def test_a_lock_file_in_the_archive_is_removed_at_extraction(tmp_path: Path) -> None:
+    """pg_basebackup never includes postmaster.pid; one planted in the archive (claiming a
+    ready server with a live PID) must not reach the private server, whose own pid file
+    says when it is ready."""
+    archive = tmp_path / "base.tar"
+    with tarfile.open(archive, mode="w") as tar:
+        for name in (*physical.REQUIRED_MEMBERS, "postmaster.pid"):
+            body = b"1\n/d\n1\n5432\n/tmp\n\n1 2\nready   \n" if name == "postmaster.pid" else b"x"
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    target = tmp_path / "copy"
+    target.mkdir()
+    with open(archive, "rb") as stream:
+        physical.extract_with_tar(stream, target, {})
+    assert not (target / "postmaster.pid").exists()
+    assert localpg._pid_file_status(target) is None
+    assert (target / "backup_label").read_bytes() == b"x"
+
+
+@pytest.mark.integration
+def test_private_server_is_found_ready_without_its_pid_file_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the pid file cannot be read (another user, an older server) readiness falls
+    back to connecting, as before; with it, no connection is needed to know."""
+    bin_dir = find_server_bin_dir(None)
+    work = Path(tempfile.mkdtemp(prefix="rag-test-ready-"))
+    work.chmod(0o755)  # the postgres user (the server, when the tests run as root) enters
+    tried: list[str] = []
+    real_psql = localpg.psql_value
+
+    def psql(settings: PostgresSettings, sql: str, database: str) -> str:
+        tried.append(sql)
+        return real_psql(settings, sql, database)
+
+    monkeypatch.setattr(localpg, "psql_value", psql)
+    try:
+        for readable in (True, False):
+            tried.clear()
+            if not readable:
+                monkeypatch.setattr(localpg, "_pid_file_status", lambda data_dir: None)
+            server = LocalPostgres(bin_dir, work, 1)
+            try:
+                assert psql_value(server.settings, "SELECT 1", "postgres") == "1"
+            finally:
+                server.stop()
+            assert ("SELECT 1" in tried) is not readable
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
