@@ -152,7 +152,17 @@ def marker(stacks: Stacks, stack: str, method: str, name: str) -> dict[str, str]
     status, body = caddy_request(
         stacks.applier, stacks.applied[stack], domain, method, f"/markers/{name}"
     )
-    assert status == 200, (stack, method, name, body)
+    if status != 200:  # what Caddy and the api said, to tell a proxy error from the app's
+        logs = {
+            service: (
+                done := stacks.applier.docker.call(
+                    "logs", "--tail", "15", stacks.name(stack, service)
+                )
+            ).stdout.decode(errors="replace")
+            + done.stderr.decode(errors="replace")
+            for service in ("caddy", "api")
+        }
+        raise AssertionError((stack, method, name, status, body, all_healthy(stacks, stack), logs))
     return dict(body)
 
 
