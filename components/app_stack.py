@@ -132,8 +132,9 @@ def redis_spec(inputs: AppStackInputs) -> ServiceSpec:
     paths = RedisServerPaths()
     secrets, tls = inputs.secrets, inputs.tls
     acl = pulumi.Output.all(**dict(secrets.redis_passwords.items())).apply(render_redis_acl)
+    # -e: an error reply (BUSY, LOADING, ...) fails the check; redis-cli exits 0 otherwise.
     ping_over_tls = [
-        *("redis-cli", "--tls", "--cacert", paths.ca_file),
+        *("redis-cli", "-e", "--tls", "--cacert", paths.ca_file),
         *("--cert", paths.cert_file, "--key", paths.key_file),
         *("-h", "localhost", "-p", str(REDIS_PORT), "ping"),
     ]

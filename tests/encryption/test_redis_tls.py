@@ -10,10 +10,12 @@ own stack's server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from tests.encryption.helpers import (
     map_argv,
     other_stack,
     redis_url_for_test,
+    start_redis_from_program,
     tls_client_pair,
     uploaded_files,
     write_files,
@@ -399,3 +402,44 @@ def test_declared_healthcheck_fails_against_the_other_stacks_server(
     )
     assert result.returncode != 0
     assert "PONG" not in result.stdout
+
+
+def test_declared_healthcheck_fails_while_redis_answers_with_an_error(
+    runs: dict[str, ProgramRun],
+    api_clients: dict[str, ApiClient],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A runaway Lua script: after busy-reply-threshold (5 s) Redis answers every client,
+    PING included, with BUSY. The service is of no use to its clients, and its
+    healthcheck must say so: redis-cli exits 0 on an error reply unless asked not to."""
+    stack = "staging"
+    server = start_redis_from_program(
+        runs[stack], require_tool("redis-server"), tmp_path_factory.mktemp("redis-busy")
+    )
+    runaway = api_clients[stack].client(server, socket_timeout=60)
+
+    def run_forever() -> None:
+        with contextlib.suppress(redis.RedisError):  # ended by SCRIPT KILL
+            runaway.eval("while true do end", 0)
+
+    script = threading.Thread(target=run_forever, daemon=True)
+    try:
+        argv = _healthcheck_argv(runs[stack], server)
+        before = subprocess.run(
+            argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )
+        assert (before.returncode, before.stdout.strip()) == (0, "PONG"), before.stderr
+        script.start()
+        deadline = time.monotonic() + 30
+        while "BUSY" not in (busy := subprocess.run(
+            argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )).stdout + busy.stderr:  # fmt: skip
+            assert time.monotonic() < deadline, (busy.returncode, busy.stdout, busy.stderr)
+            time.sleep(0.5)
+        assert busy.returncode != 0, busy.stdout
+    finally:
+        killer = api_clients[stack].client(server)
+        with contextlib.suppress(redis.RedisError):
+            killer.script_kill()
+        script.join(timeout=30)
+        server.stop()
