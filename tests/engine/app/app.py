@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -185,23 +186,33 @@ class Handler(BaseHTTPRequestHandler):
             healthy = all(v.startswith("ok") for v in result.values())
             self.reply(200 if healthy else 503, "application/json", result)
         elif path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
-            self.reply(200, "application/json", read_marker(path[9:]))
+            self.reply_with(read_marker, path[9:])
         else:
             self.reply(404, "application/json", {"error": f"no route {path}"})
 
     def do_DELETE(self) -> None:
         path = self.path.split("?", 1)[0]
         if path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
-            self.reply(200, "application/json", delete_marker(path[9:]))
+            self.reply_with(delete_marker, path[9:])
         else:
             self.reply(404, "application/json", {"error": f"no route {path}"})
 
     def do_PUT(self) -> None:
         path = self.path.split("?", 1)[0]
         if path.startswith("/markers/") and MARKER_NAME.fullmatch(path[9:]):
-            self.reply(200, "application/json", write_marker(path[9:]))
+            self.reply_with(write_marker, path[9:])
         else:
             self.reply(404, "application/json", {"error": f"no route {path}"})
+
+    def reply_with(self, action: Callable[[str], dict[str, str]], name: str) -> None:
+        """200 with what ``action`` found, or 500 naming the store's error (not a dropped
+        connection, which the proxy can only call a 502)."""
+        try:
+            found = action(name)
+        except Exception as exc:
+            self.reply(500, "application/json", {"error": f"{type(exc).__name__}: {exc}"})
+            return
+        self.reply(200, "application/json", found)
 
     def reply(self, status: int, content_type: str, body: object) -> None:
         data = (body if isinstance(body, str) else json.dumps(body)).encode()
