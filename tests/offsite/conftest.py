@@ -203,3 +203,17 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     root = tmp_path / "host-a"
     root.mkdir()
     yield from make_stack(root)
+
+
+@contextlib.contextmanager
+def a_new_host(lost: Stack, tmp_path: Path) -> Iterator[Stack]:
+    """The VPS is gone: ``lost``'s backups (and WAL archive) with it; for the block, a new
+    host's stack made from nothing (its own PostgreSQL, Redis, Chroma, backup dir)."""
+    shutil.rmtree(lost.backup_dir)
+    root = tmp_path / "host-b"
+    root.mkdir()
+    host = make_stack(root)
+    try:
+        yield next(host)
+    finally:
+        host.close()

@@ -10,7 +10,6 @@ recovers to a time between two markers, then to the end of the off-host WAL."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ from typing import Any
 import pytest
 
 from rag_backup.offsite_pitr import PULL_DIR
-from tests.backup.conftest import Stack, make_stack
+from tests.backup.conftest import Stack
 from tests.backup.helpers import DATABASE, run_cli
-from tests.offsite.conftest import Target
+from tests.offsite.conftest import Target, a_new_host
 from tests.offsite.test_offsite_sftp import _offsite, _sha256
 from tests.offsite.test_offsite_wal import _archive_backup_and_markers, _iso, _load, _ok
 
@@ -57,15 +56,8 @@ def test_the_vps_is_gone_pitr_pulls_only_what_the_target_needs_and_never_overwri
     _ok(_offsite(stack, sftp_target, "wal-push"))
     host_a = _index(stack.backup_dir)
     created = json.loads((stack.backup_dir / backup / "manifest.json").read_text())["created_unix"]
-    # The VPS is gone: its backups and WAL archive with it.
     key_file = stack.key_file
-    shutil.rmtree(stack.backup_dir)
-
-    root_b = tmp_path / "host-b"
-    root_b.mkdir()
-    host_b = make_stack(root_b)
-    new = next(host_b)
-    try:
+    with a_new_host(stack, tmp_path) as new:
         env_b = {**new.env, "RAG_BACKUP_KEY_FILE": str(key_file), **sftp_target.env()}
         # The new host runs: its own archive, and its own (empty) backup copied off-host,
         # newer than the lost host's.
@@ -150,5 +142,3 @@ def test_the_vps_is_gone_pitr_pulls_only_what_the_target_needs_and_never_overwri
         )
         _restore(new, env_pitr, "--target", "latest")
         assert _markers(new) == ["after", "before", "later"]
-    finally:
-        host_b.close()

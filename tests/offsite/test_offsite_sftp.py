@@ -17,7 +17,7 @@ import pytest
 
 from rag_backup.metrics import read_samples
 from rag_backup.offsite import LAST_RUN_SUCCESS, LAST_SUCCESS, MARKER, METRICS_FILE
-from tests.backup.conftest import Stack, make_stack
+from tests.backup.conftest import Stack
 from tests.backup.helpers import (
     DATABASE,
     chroma_rows,
@@ -27,7 +27,7 @@ from tests.backup.helpers import (
     run_cli,
     tree_snapshot,
 )
-from tests.offsite.conftest import Target, rclone_env
+from tests.offsite.conftest import Target, a_new_host, rclone_env
 
 pytestmark = pytest.mark.integration
 
@@ -203,14 +203,7 @@ def test_the_vps_is_gone_pull_onto_a_new_host_and_restore(
     assert _offsite(stack, sftp_target, "push").returncode == 0
     pg_a, redis_a = pg_snapshot(stack.pg), redis_snapshot(stack.redis)
     chroma_a, rows_a = tree_snapshot(stack.chroma_dir), chroma_rows(stack.chroma_dir)
-    # The VPS is gone: its backups with it.
-    shutil.rmtree(stack.backup_dir)
-
-    root_b = tmp_path / "host-b"
-    root_b.mkdir()
-    host_b = make_stack(root_b)
-    new = next(host_b)
-    try:
+    with a_new_host(stack, tmp_path) as new:
         assert pg_snapshot(new.pg) != pg_a
         env_b = {**new.env, "RAG_BACKUP_KEY_FILE": str(stack.key_file)}
         pulled = run_cli(["offsite", "pull"], {**env_b, **sftp_target.env()})
@@ -228,8 +221,6 @@ def test_the_vps_is_gone_pull_onto_a_new_host_and_restore(
         assert chroma_rows(new.chroma_dir) == rows_a
         new.start_redis()
         assert redis_snapshot(new.redis) == redis_a
-    finally:
-        host_b.close()
 
 
 def test_pull_refuses_a_remote_copy_that_does_not_match_its_manifest(

@@ -18,9 +18,9 @@ import pytest
 
 from rag_backup.metrics import read_samples
 from rag_backup.offsite_wal import ARCHIVED_UNTIL, LAST_RUN_SUCCESS, LAST_SUCCESS, METRICS_FILE
-from tests.backup.conftest import Stack, make_stack
+from tests.backup.conftest import Stack
 from tests.backup.helpers import DATABASE, markers_around_a_time, run_cli
-from tests.offsite.conftest import Target
+from tests.offsite.conftest import Target, a_new_host
 from tests.offsite.test_offsite_s3 import _rclone
 from tests.offsite.test_offsite_sftp import _offsite, _sha256
 from tests.tooling import require_tool
@@ -174,14 +174,7 @@ def test_the_vps_is_gone_pitr_from_the_off_host_copy_to_a_time_between_two_marke
     backup, between = _archive_backup_and_markers(stack, sftp_target)
     _ok(_offsite(stack, sftp_target, "wal-push"))
     covered = _local_index(stack)["covered_until"]
-    # The VPS is gone: its backups and WAL archive with it.
-    shutil.rmtree(stack.backup_dir)
-
-    root_b = tmp_path / "host-b"
-    root_b.mkdir()
-    host_b = make_stack(root_b)
-    new = next(host_b)
-    try:
+    with a_new_host(stack, tmp_path) as new:
         env_b = {**new.env, "RAG_BACKUP_KEY_FILE": str(stack.key_file)}
         # The new host's own archive already runs: the pull refuses to mix it in.
         _ok(run_cli(["wal-archive"], env_b))
@@ -211,8 +204,6 @@ def test_the_vps_is_gone_pitr_from_the_off_host_copy_to_a_time_between_two_marke
         new.pg.start_again()
         rows = new.pg.psql("SELECT name FROM markers ORDER BY name", database=DATABASE)
         assert rows.split() == ["after", "before"]
-    finally:
-        host_b.close()
 
 
 def test_remote_wal_retention_keeps_what_the_kept_base_backup_needs(
