@@ -9,7 +9,6 @@ import os
 import pwd
 import re
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -19,6 +18,7 @@ from typing import Any
 from rag_backup.errors import BackupError
 from rag_backup.pg import PostgresSettings, psql_value
 from rag_backup.procs import Proc, last_lines, run
+from rag_backup.untrusted_files import read_head
 
 DEFAULT_BIN_DIRS = ("/usr/lib/postgresql/15/bin",)
 # A staged physical backup is hostile input: its postgresql.conf, postgresql.auto.conf and
@@ -282,19 +282,11 @@ class LocalPostgres:
 
 def _pid_file_status(data_dir: Path) -> str | None:
     """The status line of ``data_dir``'s postmaster.pid, None while there is none. The data
-    directory may be a staged copy of an untrusted backup: the file is opened without
-    following a symlink or blocking on a FIFO, only a regular file is read, and at most
-    PID_FILE_MAX_BYTES; the answer is only a hint for when to try a connection."""
-    try:
-        fd = os.open(
-            data_dir / PID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        lines = handle.read(PID_FILE_MAX_BYTES).decode("ascii", errors="replace").splitlines()
+    directory is a staged copy of an untrusted backup (untrusted_files.read_head): its own
+    lock file was removed at extraction, so "ready" is the private server's word, and a
+    status that is wrong anyway fails the first query after the wait."""
+    text = read_head(data_dir, PID_FILE, PID_FILE_MAX_BYTES)
+    lines = text.splitlines() if text is not None else []
     return lines[PID_FILE_STATUS_LINE].strip() if len(lines) > PID_FILE_STATUS_LINE else None
 
 

@@ -26,6 +26,7 @@ from rag_backup.localpg import LocalPostgres, server_major_version
 from rag_backup.procs import Proc
 from rag_backup.progress import log
 from rag_backup.streams import CHUNK
+from rag_backup.untrusted_files import open_regular, read_head
 
 KIND = "pg_basebackup_tar"
 # Files that make a server start archive recovery or standby mode (and run restore_command):
@@ -144,21 +145,6 @@ def _regular_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
                 yield directory, name, info.st_size, dir_fd
 
 
-def _open_regular(name: str, dir_fd: int) -> int | None:
-    """Read-only, non-blocking (a FIFO would otherwise block), not following a symlink;
-    None unless it is still a regular file."""
-    try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
-        )
-    except OSError:
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
 class WritebackStarter:
     """While tar writes the staged copy, starts the kernel's write-back of what has been
     written so far (sync_file_range WRITE: asynchronous, no wait), as PostgreSQL's own
@@ -190,7 +176,7 @@ class WritebackStarter:
             done = self._started.get(key, 0)
             if size <= done:
                 continue
-            fd = _open_regular(name, dir_fd)
+            fd = open_regular(name, dir_fd)
             if fd is None:
                 continue
             try:
@@ -227,7 +213,7 @@ def sync_tree(root: Path) -> None:
 def fsync_tree(root: Path) -> None:
     """fsync every regular file and directory under ``root``."""
     for _, name, _, dir_fd in _regular_files(root):
-        fd = _open_regular(name, dir_fd)
+        fd = open_regular(name, dir_fd)
         if fd is not None:
             try:
                 os.fsync(fd)
@@ -307,18 +293,9 @@ def start_segment_early(data_dir: Path) -> str | None:
     """The start segment from a backup_label that tar may still be writing (None until it
     is complete enough). The file is not authenticated yet: a symlink is not followed, a
     FIFO or anything not a regular file is not read, and at most 64 KiB are read."""
-    try:
-        dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    text = read_head(data_dir, "backup_label", BACKUP_LABEL_MAX_BYTES)
+    if text is None:
         return None
-    try:
-        fd = _open_regular("backup_label", dir_fd)
-    finally:
-        os.close(dir_fd)
-    if fd is None:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        text = handle.read(BACKUP_LABEL_MAX_BYTES).decode("ascii", errors="replace")
     match = START_WAL_LINE.search(text)
     return match[1] if match else None
 
