@@ -53,7 +53,7 @@ class Proc:
             _live.add(self.popen)
         for stream in (self.popen.stdin, self.popen.stdout):
             if stream is not None:
-                _enlarge_pipe(stream.fileno())
+                enlarge_pipe(stream.fileno())
 
     @property
     def stdout(self) -> IO[bytes]:
@@ -132,7 +132,7 @@ def _cpu_at_exit(pid: int, timeout: float | None) -> tuple[bool, float | None]:
         os.close(pidfd)
 
 
-def _enlarge_pipe(fd: int) -> None:
+def enlarge_pipe(fd: int) -> None:
     """1 MiB pipe buffers instead of 64 KiB: far fewer context switches between the
     stages of a pipeline (the system's pipe-max-size permitting)."""
     with contextlib.suppress(OSError, AttributeError):

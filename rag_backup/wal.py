@@ -342,8 +342,8 @@ def stage_segments(
     named ones when given) into ``target``, checking each one's size and SHA-256 against the
     index. Returns how many.
 
-    ``jobs`` segments at a time: each decryption is its own process whose fixed cost (gpg's
-    passphrase key derivation, ~0.4 s) dwarfs a 16 MiB segment's, so they run side by side."""
+    ``jobs`` segments at a time: each has a fixed cost (the passphrase's key derivation,
+    and with gpg two processes to start) that is large against a 16 MiB segment's."""
     index = read_index(store)
     names = [n for n in sorted(index["segments"]) if n[:8] == start[:8] and n >= start]
     if only is not None:
