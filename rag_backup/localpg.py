@@ -25,7 +25,7 @@ DEFAULT_BIN_DIRS = ("/usr/lib/postgresql/15/bin",)
 # signal files were written by whoever controlled the backed-up server (ALTER SYSTEM, COPY
 # ... TO a file). The private server that checks it reads our own config files, not the
 # copy's postgresql.conf; the copy's postgresql.auto.conf is held aside while it runs; the
-# signal files are removed at extraction (physical.extract_with_tar); and every setting
+# signal files are removed at extraction (physical.extract_base_backup); and every setting
 # that can run a command, load a library or write outside is forced on the command line
 # (the command line wins over both config files).
 NEUTRALISED_SETTINGS = (

@@ -33,12 +33,18 @@ from typing import IO, Any
 from rag_backup import chroma, pg, physical, pitr, redis_ops, wal
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
-from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_of
+from rag_backup.localpg import LocalPostgres, find_server_bin_dir
 from rag_backup.manifest import CHROMA_KIND, PG_LOGICAL_KIND, PG_PHYSICAL_KIND, REDIS_KIND
 from rag_backup.pitr import backup_end_time
 from rag_backup.progress import Progress, log
 from rag_backup.store import BackupEntry, BackupStore, _writable_dir
-from rag_backup.streams import ExpectedCiphertext, copy_stream, decrypted_stream
+from rag_backup.streams import (
+    ExpectedCiphertext,
+    Sink,
+    copy_stream,
+    decrypt_into,
+    decrypted_stream,
+)
 
 MAX_PG_NAME = 63
 # Top-level names rag-backup itself puts into a live directory it swaps by contents (the
@@ -135,6 +141,21 @@ def checked_plaintext(
     name = f"{component} ({item['name']})"
     with decrypted_stream(cipher, path, name, expected, cpu) as stream:
         yield stream
+
+
+def checked_plaintext_into(
+    cipher: Cipher,
+    entry: BackupEntry,
+    item: dict[str, Any],
+    component: str,
+    cpu: dict[str, float] | None = None,
+) -> Callable[[Sink], None]:
+    """checked_plaintext for a consumer that takes pieces (streams.decrypt_into): the same
+    checks, raised when the call returns."""
+    path = entry.path / str(item["name"])
+    expected = ExpectedCiphertext(int(item["size"]), str(item["sha256"]))
+    name = f"{component} ({item['name']})"
+    return lambda sink: decrypt_into(cipher, path, name, sink, expected, cpu)
 
 
 def decrypt_to_file(
@@ -260,8 +281,9 @@ def drill_postgres_physical(ctx: DrillContext) -> None:
             shutil.chown(root, "postgres", "postgres")
             shutil.chown(data, "postgres", "postgres")
         item = artifact(ctx.entry, "postgres", PG_PHYSICAL_KIND)
-        with checked_plaintext(ctx.cipher, ctx.entry, item, "postgres") as stream:
-            physical.extract_with_tar(stream, data, run_as_owner_of(data))
+        physical.extract_base_backup(
+            checked_plaintext_into(ctx.cipher, ctx.entry, item, "postgres"), data
+        )
         counts = physical.check_cluster(
             data,
             bin_dir,
@@ -323,8 +345,9 @@ def drill_postgres_pitr(ctx: DrillContext) -> None:
             for path in (root, data, segments):
                 shutil.chown(path, "postgres", "postgres")
         item = artifact(entry, "postgres", PG_PHYSICAL_KIND)
-        with checked_plaintext(ctx.cipher, entry, item, "postgres") as stream:
-            physical.extract_with_tar(stream, data, run_as_owner_of(data))
+        physical.extract_base_backup(
+            checked_plaintext_into(ctx.cipher, entry, item, "postgres"), data
+        )
         wal.stage_segments(
             ctx.cfg.store,
             ctx.cipher,
@@ -657,16 +680,20 @@ class PostgresPhysicalRestore(StoreRestore):
             else None
         )
         try:
-            with checked_plaintext(cipher, self.entry, item, self.name, cpu) as stream:
-                physical.extract_with_tar(
-                    stream, data, run_as_owner_of(data), durable=True, phases=extracted
-                )
+            physical.extract_base_backup(
+                checked_plaintext_into(cipher, self.entry, item, self.name, cpu),
+                data,
+                durable=True,
+                phases=extracted,
+            )
         except BaseException:
             if prestage is not None:
                 prestage.discard()
             raise
         fsync = extracted.pop("fsync", 0.0)
-        phases["extract (hash | decrypt | zstd -d | tar)"] = time.monotonic() - started - fsync
+        phases["extract (read+hash | decrypt | zstd -d + write)"] = (
+            time.monotonic() - started - fsync
+        )
         phases.update({f"cpu {stage}": seconds for stage, seconds in cpu.items()})
         phases.update(extracted)
         phases["fsync"] = fsync

@@ -317,6 +317,32 @@ def decrypted_stream(
         )
 
 
+Sink = Callable[[memoryview], None]
+
+
+def decrypt_into(
+    cipher: Cipher,
+    path: Path,
+    name: str,
+    sink: Sink,
+    expected: ExpectedCiphertext | None = None,
+    cpu: dict[str, float] | None = None,
+) -> None:
+    """decrypted_stream's plaintext handed to ``sink`` piece by piece (each piece valid only
+    during the call), with the same checks and failure reasons. In process, the sink runs
+    in the decompressing thread: no pipe and no consumer process between the two. An error
+    the sink raises stops the pipeline and is raised here, unless the ciphertext mismatch or
+    a decryption failure explains it better."""
+    session = _in_process_session(cipher, path)
+    if session is not None:
+        with _in_process_plaintext(session, path, name, expected, cpu, sink) as stream:
+            assert not stream.read(1)  # everything went to the sink
+        return
+    with decrypted_stream(cipher, path, name, expected, cpu) as stream:
+        while chunk := stream.read(CHUNK):
+            sink(memoryview(chunk))
+
+
 def _in_process_session(cipher: Cipher, path: Path) -> openpgp.Session | None:
     """The key for decrypting ``path`` in this process, or None: use gpg."""
     key_file = cipher.settings.key_file
@@ -386,9 +412,11 @@ def _in_process_plaintext(
     name: str,
     expected: ExpectedCiphertext | None,
     cpu: dict[str, float] | None,
+    consumer_sink: Sink | None = None,
 ) -> Iterator[IO[bytes]]:
     """decrypted_stream's work in three threads: read and hash | decrypt | decompress into
-    a pipe whose read end is the consumer's. Same contract, same failure reasons."""
+    a pipe whose read end is the consumer's (or into ``consumer_sink``; the pipe then stays
+    empty). Same contract, same failure reasons."""
     if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     cancel = threading.Event()
@@ -435,11 +463,24 @@ def _in_process_plaintext(
             message.close()
         stage.put(compressed, None)
 
-    def decompress(stage: _Stage) -> None:
-        def sink(data: memoryview) -> None:
-            while data:
-                data = data[os.write(write_end, data) :]
+    def to_pipe(data: memoryview) -> None:
+        while data:
+            data = data[os.write(write_end, data) :]
 
+    sink_cpu = 0.0  # the consumer's own time in the decompressing thread
+
+    def to_consumer(data: memoryview) -> None:
+        nonlocal sink_cpu
+        assert consumer_sink is not None
+        started = time.thread_time()
+        try:
+            consumer_sink(data)
+        finally:
+            sink_cpu += time.thread_time() - started
+
+    sink = to_pipe if consumer_sink is None else to_consumer
+
+    def decompress(stage: _Stage) -> None:
         zstd = clibs.ZstdDecompressor(CHUNK)
         try:
             while (chunk := stage.get(compressed)) is not None:
@@ -469,6 +510,7 @@ def _in_process_plaintext(
             stage.join()
         if cpu is not None:
             cpu.update({key: stage.cpu_seconds for key, stage in stages.items()})
+            cpu["decompress"] -= sink_cpu
     mismatch = None
     if read_error:
         mismatch = f"cannot read the encrypted file: {read_error[0]}"
@@ -481,6 +523,11 @@ def _in_process_plaintext(
         raise DecryptFailed(f"{name}: {reason}") from consumer_error
     if consumer_error is not None:
         raise consumer_error
+    written = stages["decompress"].error
+    if isinstance(written, BackupError):
+        raise written  # the sink's own (a refused archive member, ...)
+    if written is not None:
+        raise BackupError(f"{name}: handing on the plaintext failed: {written}") from written
     if stages["hash"].error is not None:
         raise BackupError(f"{name}: reading the encrypted file failed: {stages['hash'].error}")
 
@@ -498,11 +545,7 @@ def _in_process_failure(
         return f"decryption failed: {decrypt_error}"
     if isinstance(decompress_error, clibs.ZstdError):
         return f"corrupted: the compressed data is damaged ({decompress_error})"
-    if isinstance(decompress_error, BrokenPipeError):
-        return None  # the consumer stopped reading: its own error says why
-    if decompress_error is not None:
-        return f"decompression failed: {decompress_error}"
-    return None
+    return None  # a failed write: the consumer's (or sink's) own error says why
 
 
 def copy_stream(

@@ -22,12 +22,12 @@ import pytest
 from rag_backup import localpg, physical
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
-from rag_backup.localpg import LocalPostgres, find_server_bin_dir, run_as_owner_of
+from rag_backup.localpg import LocalPostgres, find_server_bin_dir
 from rag_backup.manifest import PG_PHYSICAL_KIND
 from rag_backup.pg import PostgresSettings, psql_value, row_counts
 from rag_backup.procs import Proc
 from rag_backup.store import BackupStore
-from rag_backup.stores import artifact, checked_plaintext
+from rag_backup.stores import artifact, checked_plaintext_into
 from tests.backup.conftest import Stack
 from tests.backup.helpers import pg_snapshot, run_cli
 from tests.servers import start_postgres
@@ -131,10 +131,12 @@ def test_private_server_on_a_staged_copy_syncs_by_syncfs_only_when_durable(stack
                 if os.geteuid() == 0:
                     shutil.chown(data, "postgres", "postgres")
                 phases: dict[str, float] = {}
-                with checked_plaintext(cipher, entry, item, "postgres") as stream:
-                    physical.extract_with_tar(
-                        stream, data, run_as_owner_of(data), durable=durable, phases=phases
-                    )
+                physical.extract_base_backup(
+                    checked_plaintext_into(cipher, entry, item, "postgres"),
+                    data,
+                    durable=durable,
+                    phases=phases,
+                )
                 assert ("fsync" in phases) is durable
                 server = LocalPostgres(bin_dir, work, 1, data_dir=data, durable=durable)
                 try:
@@ -167,11 +169,11 @@ def test_physical_restore_reports_each_phase_and_gives_the_backups_data(stack: S
     line = next(x for x in restore.stderr.splitlines() if "timings:" in x)
     steps = dict(re.findall(r"(?:timings: |, )([^,]+?) (\d+\.\d\d)s", line))
     for step in (
-        "postgres: extract (hash | decrypt | zstd -d | tar)",
+        "postgres: extract (read+hash | decrypt | zstd -d + write)",
         "postgres: cpu hash",
         "postgres: cpu decrypt",
         "postgres: cpu decompress",
-        "postgres: cpu tar",
+        "postgres: cpu untar",
         "postgres: fsync",
         "postgres: server start + WAL replay",
         "postgres: row counts",
@@ -283,8 +285,7 @@ def test_a_lock_file_in_the_archive_is_removed_at_extraction(tmp_path: Path) -> 
             tar.addfile(info, io.BytesIO(body))
     target = tmp_path / "copy"
     target.mkdir()
-    with open(archive, "rb") as stream:
-        physical.extract_with_tar(stream, target, {})
+    physical.extract_base_backup(lambda sink: sink(memoryview(archive.read_bytes())), target)
     assert not (target / "postmaster.pid").exists()
     assert localpg._pid_file_status(target) is None
     assert (target / "backup_label").read_bytes() == b"x"

@@ -43,23 +43,38 @@ def test_the_backup_job_owns_its_fresh_volumes_and_keeps_running(
     assert listing.strip(), "the scheduler wrote nothing into its textfile volume"
 
 
+def _in_backup_image(applier: StackApplier, code: str) -> None:
+    """Runs ``code`` with the declared backup image's own Python; it must exit 0."""
+    run = stack_run("staging")
+    declared = run.containers["rag-staging-backup"].inputs["image"]
+    (build,) = [i for i in run.of_type(IMAGE) if i.inputs["imageName"] == declared]
+    image = applier.images.declared_build(build.inputs)
+    done = applier.docker.call(
+        "run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", code,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
 def test_the_backup_image_imports_every_module_from_its_bytecode(
     fresh_applier: StackApplier,
 ) -> None:
     """The job runs with PYTHONDONTWRITEBYTECODE on a read-only root: without bytecode
     built into the image every rag-backup call compiles its modules again."""
-    run = stack_run("staging")
-    declared = run.containers["rag-staging-backup"].inputs["image"]
-    (build,) = [i for i in run.of_type(IMAGE) if i.inputs["imageName"] == declared]
-    image = fresh_applier.images.declared_build(build.inputs)
-    check = (
+    _in_backup_image(
+        fresh_applier,
         "import importlib.util, pathlib, sys\n"
         "missing = [str(p) for p in pathlib.Path('/opt/rag-backup/rag_backup').glob('*.py')\n"
         "           if not pathlib.Path(importlib.util.cache_from_source(str(p))).is_file()]\n"
-        "print(missing); sys.exit(1 if missing else 0)\n"
+        "print(missing); sys.exit(1 if missing else 0)\n",
     )
-    done = fresh_applier.docker.call(
-        "run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", check,
-        timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def test_the_backup_image_decrypts_in_process(fresh_applier: StackApplier) -> None:
+    """The restore's in-process decryption needs libgcrypt and libzstd (gnupg's and zstd's
+    libraries) loadable by the image's own Python; without them every restore silently
+    takes the slower gpg and zstd processes."""
+    _in_backup_image(
+        fresh_applier,
+        "import sys\nfrom rag_backup import clibs\nsys.exit(0 if clibs.available() else 1)\n",
+    )
