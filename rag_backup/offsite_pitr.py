@@ -55,20 +55,11 @@ def _wanted_segments(
     ``target`` (that cycle's marker commit is stamped after it: recovery finds a commit past
     the target there and stops), and that cycle's time; None: the whole chain, to the
     window's end."""
-    if target is None or not window.segments:
+    if target is None:
         return window.segments, window.end
-    timeline = int(window.segments[0][:8], 16)
-    chain = set(window.segments)
-    history_end = pitr.next_history(window.entry, index)
-    for cycle in sorted(index["cycles"], key=lambda c: float(c["at"])):
-        at = float(cycle["at"])
-        lsn = pitr.parse_lsn(cycle["end_lsn"])
-        if at < target or at >= history_end or lsn is None:
-            continue
-        last = pitr.segment_name(timeline, lsn - 1)
-        if last in chain and float(index["segments"][last]["archived_at"]) >= at:
-            limit = pitr.segment_number(last)
-            return tuple(n for n in window.segments if pitr.segment_number(n) <= limit), at
+    for at, last in pitr.reached_cycles(window.entry, index, window.segments):
+        if at >= target:
+            return tuple(n for n in window.segments if pitr.segment_number(n) <= last), at
     return window.segments, window.end
 
 

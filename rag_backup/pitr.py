@@ -4,13 +4,13 @@ check inside ``restore``): answered from the manifests and ``wal/index.json`` al
 anything is stopped or decrypted.
 
 A base backup can be recovered to time T when every WAL segment from the one it starts in
-up to the one holding the first archive cycle at or after T is archived, one after the
-other on its timeline, and each was archived *after* the backup started. The last rule
-catches segments of another history under the same names: after a physical restore the
-server writes LSNs (and segment names) the archive already holds from before it; those
-older copies were archived before any backup of the restored cluster began. Conversely a
-backup's chain ends where the archive began following another history (``histories`` in
-the index: wal-archive found its slot gone, as after every restore).
+up to the one the switch of the first archive cycle at or after T closed (closing_segment)
+is archived, one after the other on its timeline, and each was archived *after* the backup
+started. The last rule catches segments of another history under the same names: after a
+physical restore the server writes LSNs (and segment names) the archive already holds from
+before it; those older copies were archived before any backup of the restored cluster
+began. Conversely a backup's chain ends where the archive began following another history
+(``histories`` in the index: wal-archive found its slot gone, as after every restore).
 
 The start segment: the manifest's ``wal_start_at_least`` (the segment of the server's WAL
 position read just before pg_basebackup began: the backup's own start is at or after it),
@@ -19,6 +19,7 @@ before the backup began (its switch point precedes the backup's start)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,26 +158,49 @@ def window_of(entry: BackupEntry, index: dict[str, Any]) -> Window:
         number += 1
     if not chain:
         return Window(entry, start, None, (), f"segment {first} is not archived after it began")
-    # A cycle is reached when the chain holds the segment its switch point closes, and that
-    # segment was archived after the cycle (a cycle of a later timeline whose LSN falls in
-    # this chain's range was not archived by it).
-    reached = None
+    reached = reached_cycles(entry, index, chain)
+    if not reached or reached[-1][0] < start:
+        return Window(entry, start, None, (), "no archive cycle after it yet")
+    # Only what recovery to the window's end needs: up to the segment its last cycle closed.
+    end, last = max(reached)
+    return Window(entry, start, end, tuple(n for n in chain if segment_number(n) <= last))
+
+
+def closing_segment(timeline: int, end_lsn: int) -> str:
+    """The segment an archive cycle's pg_switch_wal() closed: the one ending at the last
+    segment boundary at or before the cycle's ``end_lsn``. That is pg_current_wal_lsn() read
+    just *after* the switch: on a live server another session's commit may already lie past
+    the switch point, inside a segment the cycle did not receive whole (the next cycle
+    archives it), whereas every segment ending at or before ``end_lsn`` it did. The cycle's
+    marker commit, stamped after its time, precedes the switch: recovery to the cycle's
+    time, or to the end of this segment, needs nothing later."""
+    boundary = end_lsn - end_lsn % wal.SEGMENT_SIZE
+    return segment_name(timeline, boundary - 1)
+
+
+def reached_cycles(
+    entry: BackupEntry, index: dict[str, Any], chain: Sequence[str]
+) -> list[tuple[float, int]]:
+    """(time, number of the segment it closed) of every archive cycle ``chain`` (the
+    backup's contiguous archived segments, oldest first) reaches, oldest first: the chain
+    holds the segment the cycle closed (closing_segment), archived after the cycle (a cycle
+    of a later timeline whose LSN falls in this chain's range was not archived by it), in
+    the backup's WAL history. The one rule for restore, resolve, the drill and off-host
+    pulls: ``--target latest`` (the archive's last cycle) is reached whenever the chain is
+    whole."""
+    if not chain:
+        return []
+    timeline = int(chain[0][:8], 16)
+    members = set(chain)
+    history_end = next_history(entry, index)
+    found = []
     for at, lsn in _cycles(index):
         if at >= history_end:
             break
-        last = segment_name(int(timeline, 16), lsn - 1)
-        if last in chain and float(segments[last]["archived_at"]) >= at:
-            reached = at if reached is None else max(reached, at)
-    if reached is None or reached < start:
-        return Window(entry, start, None, (), "no archive cycle after it yet")
-    # Only what recovery to the window's end needs: up to the segment of its last cycle.
-    needed = [n for n in chain if segment_number(n) <= _last_number(index, reached, timeline)]
-    return Window(entry, start, reached, tuple(needed))
-
-
-def _last_number(index: dict[str, Any], at: float, timeline: str) -> int:
-    lsn = max(lsn for when, lsn in _cycles(index) if when == at)
-    return segment_number(segment_name(int(timeline, 16), lsn - 1))
+        last = closing_segment(timeline, lsn)
+        if last in members and float(index["segments"][last]["archived_at"]) >= at:
+            found.append((at, segment_number(last)))
+    return found
 
 
 def plan(store: BackupStore, target_time: float | None, backup_id: str | None = None) -> Plan:

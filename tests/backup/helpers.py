@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import random
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from tests.servers import PostgresServer, RedisServer
 
@@ -189,3 +195,52 @@ def markers_around_a_time(server: PostgresServer, database: str = DATABASE) -> f
     time.sleep(1.5)
     server.psql("INSERT INTO markers VALUES ('after')", database=database)
     return between
+
+
+@contextlib.contextmanager
+def writes_all_along(server: PostgresServer, database: str = DATABASE) -> Iterator[None]:
+    """Another session commits a row every few milliseconds for the block, as the app's
+    users write while wal-archive runs (WAL is written at any moment of a cycle)."""
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with psycopg.connect(
+                server.dsn, password=server.password, dbname=database, autocommit=True
+            ) as conn:
+                while not stop.is_set():
+                    conn.execute("INSERT INTO feedback (question) VALUES ('during a cycle')")
+                    stop.wait(0.005)
+        except BaseException as error:  # re-raised in the test's thread
+            failed.append(error)
+
+    writer = threading.Thread(target=write, name="pg-writer")
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    if failed:
+        raise failed[0]
+
+
+def archive_a_cycle_read_past_its_switch(
+    backup_dir: Path, env: dict[str, str], tries: int = 5
+) -> dict[str, Any]:
+    """Run wal-archive (under writes_all_along) until a cycle's recorded WAL position lies
+    past its switch point (another session committed between its pg_switch_wal() and its
+    read of pg_current_wal_lsn(): the position is then inside a segment that cycle did not
+    archive); returns that cycle, the archive's last."""
+    segment_size = 16 * 1024 * 1024
+    for _ in range(tries):
+        done = run_cli(["wal-archive"], env)
+        assert done.returncode == 0, done.stderr
+        cycle: dict[str, Any] = json.loads((backup_dir / "wal" / "index.json").read_text())[
+            "cycles"
+        ][-1]
+        high, low = (int(part, 16) for part in cycle["end_lsn"].split("/"))
+        if ((high << 32) | low) % segment_size:
+            return cycle
+    raise AssertionError(f"no wal-archive cycle of {tries} read its position past the switch")

@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.backup.conftest import Stack
-from tests.backup.helpers import DATABASE, run_cli
+from tests.backup.helpers import (
+    DATABASE,
+    archive_a_cycle_read_past_its_switch,
+    run_cli,
+    writes_all_along,
+)
 from tests.tooling import require_tool
 
 pytestmark = pytest.mark.integration
@@ -159,6 +164,35 @@ def test_restore_recovers_the_resolved_backup_with_only_the_segments_it_needs(
     assert stack.pg.psql("SELECT name FROM markers", database=DATABASE).split() == ["before"]
     # The staged segments went beside the data directory and are gone.
     assert not list(stack.pg.data_dir.parent.glob(".rag-restore-wal-*"))
+
+
+def test_latest_is_the_archive_end_while_other_sessions_write(stack: Stack) -> None:
+    """A live server: another session commits while wal-archive runs, also between a
+    cycle's switch and its read of the WAL position (which then lies in a segment that
+    cycle did not archive). `--target latest` is still the archive's end, and a restore to
+    it holds every commit before that end: the last cycle's marker transaction too."""
+    require_tool("pg_receivewal")
+    _ok(["wal-archive"], stack)
+    backup = _ok(["backup", "--pg-physical", "--components", "postgres"], stack).split()[-1]
+    stack.pg.psql("CREATE TABLE markers (name text)", database=DATABASE)
+    stack.pg.psql("INSERT INTO markers VALUES ('before the last cycle')", database=DATABASE)
+    with writes_all_along(stack.pg):
+        last = archive_a_cycle_read_past_its_switch(stack.backup_dir, stack.env)
+    index = json.loads((stack.backup_dir / "wal" / "index.json").read_text())
+    assert index["covered_until"] == last["at"]
+
+    assert _ok(["resolve", "--target", "latest"], stack) == backup
+    assert _ok(["resolve", "--target-time", _iso(last["at"])], stack) == backup
+    stack.pg.shutdown()
+    restore = ["restore", backup, "--components", "postgres", "--pg-mode", "physical"]
+    _ok([*restore, "--pg-data-dir", str(stack.pg.data_dir), "--yes", "--target", "latest"], stack)
+    stack.pg.start_again()
+    markers = stack.pg.psql("SELECT name FROM markers", database=DATABASE).splitlines()
+    assert markers == ["before the last cycle"]
+    # The last cycle's marker commit, stamped after its time: replayed, so nothing before
+    # the archive's end is missing.
+    status = stack.pg.psql(f"SELECT txid_status({int(last['xid'])})", database=DATABASE)
+    assert status.strip() == "committed"
 
 
 def test_after_a_physical_restore_the_new_history_is_archived_and_recoverable(

@@ -18,7 +18,12 @@ import pytest
 
 from rag_backup.offsite_pitr import PULL_DIR
 from tests.backup.conftest import Stack
-from tests.backup.helpers import DATABASE, run_cli
+from tests.backup.helpers import (
+    DATABASE,
+    archive_a_cycle_read_past_its_switch,
+    run_cli,
+    writes_all_along,
+)
 from tests.offsite.conftest import Target, a_new_host
 from tests.offsite.test_offsite_sftp import _offsite, _sha256
 from tests.offsite.test_offsite_wal import _archive_backup_and_markers, _iso, _load, _ok
@@ -49,10 +54,13 @@ def test_the_vps_is_gone_pitr_pulls_only_what_the_target_needs_and_never_overwri
 ) -> None:
     backup, between = _archive_backup_and_markers(stack, sftp_target)
     reached = _index(stack.backup_dir)["cycles"][-1]["at"]  # the first cycle after `between`
-    # Later: another marker, more WAL and cycles the target `between` does not need.
+    # Later: another marker, more WAL and cycles the target `between` does not need; the
+    # last cycle while another session writes (its recorded WAL position then lies past its
+    # switch, in a segment it did not archive: `latest` must still be the archive's end).
     stack.pg.psql("INSERT INTO markers VALUES ('later')", database=DATABASE)
     _load(stack, 2)
-    _ok(run_cli(["wal-archive"], stack.env))
+    with writes_all_along(stack.pg):
+        last_cycle = archive_a_cycle_read_past_its_switch(stack.backup_dir, stack.env)
     _ok(_offsite(stack, sftp_target, "wal-push"))
     host_a = _index(stack.backup_dir)
     created = json.loads((stack.backup_dir / backup / "manifest.json").read_text())["created_unix"]
@@ -133,12 +141,18 @@ def test_the_vps_is_gone_pitr_pulls_only_what_the_target_needs_and_never_overwri
         stray.unlink()
 
         # The end of the off-host WAL: the same base backup (pulled before: used again),
-        # the rest of its WAL added beside what is there.
+        # the rest of its WAL added beside what is there, complete up to the lost host's
+        # last cycle (what it said was archived and off-host).
         again = run_cli(["offsite", "pull", "--target", "latest"], env_b)
         assert _ok(again).strip() == backup
         assert "was pulled into" in again.stderr
         assert sorted(_index(landing)["segments"]) == sorted(
             n for n, s in host_a["segments"].items() if s["archived_at"] >= created
         )
+        assert _index(landing)["covered_until"] == host_a["covered_until"] == last_cycle["at"]
         _restore(new, env_pitr, "--target", "latest")
         assert _markers(new) == ["after", "before", "later"]
+        # The last cycle's marker commit (stamped after its time) is replayed: nothing
+        # committed before the archive's end is missing.
+        status = new.pg.psql(f"SELECT txid_status({int(last_cycle['xid'])})", database=DATABASE)
+        assert status.strip() == "committed"
