@@ -226,7 +226,7 @@ def extract_base_backup(
     phases: dict[str, float] | None = None,
 ) -> None:
     """Extract the base backup into ``target`` (an empty directory) as ``decrypt_into``
-    hands over its plaintext (streams.decrypt_into: the decompressing thread writes the
+    hands over its plaintext (streams.decrypt_into: a thread of the pipeline writes the
     files, untar.py). Files and directories get ``target``'s owner. ``durable``: the copy
     will go live, so its write-back starts during extraction and it is fsynced at the end.
     ``phases`` gets the CPU seconds spent writing the files and the fsync's wall time."""

@@ -330,7 +330,7 @@ def decrypt_into(
 ) -> None:
     """decrypted_stream's plaintext handed to ``sink`` piece by piece (each piece valid only
     during the call), with the same checks and failure reasons. In process, the sink runs
-    in the decompressing thread: no pipe and no consumer process between the two. An error
+    in a thread of its own: no pipe and no consumer process in the way. An error
     the sink raises stops the pipeline and is raised here, unless the ciphertext mismatch or
     a decryption failure explains it better."""
     session = _in_process_session(cipher, path)
@@ -415,8 +415,8 @@ def _in_process_plaintext(
     consumer_sink: Sink | None = None,
 ) -> Iterator[IO[bytes]]:
     """decrypted_stream's work in three threads: read and hash | decrypt | decompress into
-    a pipe whose read end is the consumer's (or into ``consumer_sink``; the pipe then stays
-    empty). Same contract, same failure reasons."""
+    a pipe whose read end is the consumer's (or, in a fourth thread, into ``consumer_sink``;
+    the pipe then stays empty). Same contract, same failure reasons."""
     if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     cancel = threading.Event()
@@ -467,34 +467,38 @@ def _in_process_plaintext(
         while data:
             data = data[os.write(write_end, data) :]
 
-    sink_cpu = 0.0  # the consumer's own time in the decompressing thread
-
-    def to_consumer(data: memoryview) -> None:
-        nonlocal sink_cpu
-        assert consumer_sink is not None
-        started = time.thread_time()
-        try:
-            consumer_sink(data)
-        finally:
-            sink_cpu += time.thread_time() - started
-
-    sink = to_pipe if consumer_sink is None else to_consumer
+    plaintext: queue.Queue[bytes | None] = queue.Queue(PIPELINE_QUEUE)
 
     def decompress(stage: _Stage) -> None:
+        # Into the pipe, or a copy of each piece (zstd reuses its buffer) to the sink's
+        # own thread: decompressing and writing files are each about a third of the work.
+        def to_sink_thread(data: memoryview) -> None:
+            stage.put(plaintext, data.tobytes())
+
+        sink = to_pipe if consumer_sink is None else to_sink_thread
         zstd = clibs.ZstdDecompressor(CHUNK)
         try:
             while (chunk := stage.get(compressed)) is not None:
                 zstd.feed(chunk, sink)
             zstd.finish(sink)
+            if consumer_sink is not None:
+                stage.put(plaintext, None)
         finally:
             zstd.close()
             os.close(write_end)  # EOF for the consumer
+
+    def consume(stage: _Stage) -> None:
+        assert consumer_sink is not None
+        while (piece := stage.get(plaintext)) is not None:
+            consumer_sink(memoryview(piece))
 
     stages = {
         "hash": _Stage(f"read-{name}", read, cancel),
         "decrypt": _Stage(f"decrypt-{name}", decrypt, cancel),
         "decompress": _Stage(f"zstd-{name}", decompress, cancel),
     }
+    if consumer_sink is not None:
+        stages["consume"] = _Stage(f"consume-{name}", consume, cancel)
     consumer_error: BaseException | None = None
     try:
         yield consumer
@@ -509,8 +513,8 @@ def _in_process_plaintext(
         for stage in stages.values():
             stage.join()
         if cpu is not None:
-            cpu.update({key: stage.cpu_seconds for key, stage in stages.items()})
-            cpu["decompress"] -= sink_cpu
+            # The consumer reports its own thread's time (e.g. untar's ``cpu_seconds``).
+            cpu.update({k: stage.cpu_seconds for k, stage in stages.items() if k != "consume"})
     mismatch = None
     if read_error:
         mismatch = f"cannot read the encrypted file: {read_error[0]}"
@@ -523,7 +527,8 @@ def _in_process_plaintext(
         raise DecryptFailed(f"{name}: {reason}") from consumer_error
     if consumer_error is not None:
         raise consumer_error
-    written = stages["decompress"].error
+    consumed = stages["consume"].error if "consume" in stages else None
+    written = consumed or stages["decompress"].error
     if isinstance(written, BackupError):
         raise written  # the sink's own (a refused archive member, ...)
     if written is not None:

@@ -1,6 +1,6 @@
 """Extraction of a base backup's tar (pg_basebackup's: ustar headers, regular files and
-directories) from decrypted pieces, in the thread that decompresses them: no pipe and no
-tar process in between (docs/backup.md, benchmark: that hop was a sixth of a large
+directories) from decrypted pieces, in a thread of the restore's own pipeline: no pipe and
+no tar process in between (docs/backup.md, benchmark: that hop was a sixth of a large
 restore's CPU).
 
 The archive is untrusted until the whole stream has been authenticated (the manifest's
