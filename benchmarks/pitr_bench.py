@@ -101,12 +101,16 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Each round times every tool's step once, the order alternating between rounds, so
     the shared machine's busy and quiet moments fall on both; ``cleanup`` (untimed) runs
-    after each step. Only ratios within the same run mean anything here."""
+    after each step. Only ratios within the same run mean anything here. Every step starts
+    with nothing of an earlier step left to write back (os.sync, untimed): otherwise the
+    first restore after the backups paid for their write-back (rag-backup's first round
+    ran 1.3-1.5x its others, whichever tool went first)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for index in range(rounds):
         for name in names if index % 2 == 0 else names[::-1]:
             label, step = steps[name]
+            os.sync()
             times[name].append(timed(f"round {index + 1}: {name} {label}", step))
             if cleanup and name in cleanup:
                 cleanup[name]()

@@ -16,6 +16,7 @@ import pytest
 
 from rag_backup import clibs, streams
 from rag_backup.crypto import Cipher, CipherSettings
+from rag_backup.errors import BackupError
 from rag_backup.progress import Progress
 from tests.tooling import require_tool
 
@@ -172,3 +173,45 @@ def test_a_consumer_that_fails_stops_the_pipeline(tmp_path: Path) -> None:
             raise RuntimeError("consumer gave up")
         assert time.monotonic() - started < 30
         assert set(threading.enumerate()) <= before  # every stage has ended
+
+
+def test_a_sink_that_refuses_stops_the_pipeline_with_its_own_error(tmp_path: Path) -> None:
+    with Cipher(CipherSettings("gpg", key_file=_key(tmp_path))) as cipher:
+        sealed = tmp_path / "sealed"
+        data = _plaintext(8 << 20)
+        expected = _seal(cipher, sealed, data)
+        got = bytearray()
+
+        def refusing(piece: memoryview) -> None:
+            got.extend(piece)
+            if len(got) > (1 << 20):
+                raise BackupError("the archive has a member it must not have")
+
+        before = set(threading.enumerate())
+        with pytest.raises(BackupError, match="must not have"):
+            streams.decrypt_into(cipher, sealed, "test", refusing, expected)
+        assert set(threading.enumerate()) <= before
+        # And a sink that takes everything gets exactly the plaintext.
+        whole = bytearray()
+        streams.decrypt_into(cipher, sealed, "test", whole.extend, expected)
+        assert whole == data
+
+
+def test_age_goes_through_the_commands_into_the_same_sink(tmp_path: Path) -> None:
+    require_tool("age")
+    identity = tmp_path / "identity"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    recipient = subprocess.run(
+        ["age-keygen", "-y", str(identity)], check=True, capture_output=True, text=True
+    ).stdout
+    recipients = tmp_path / "recipients"
+    recipients.write_text(recipient)
+    settings = CipherSettings("age", age_recipients_file=recipients, age_identity_file=identity)
+    data = _plaintext(3 << 20)
+    with Cipher(settings) as cipher:
+        sealed = tmp_path / "sealed"
+        expected = _seal(cipher, sealed, data)
+        assert streams._in_process_session(cipher, sealed) is None
+        whole = bytearray()
+        streams.decrypt_into(cipher, sealed, "test", whole.extend, expected)
+        assert whole == data
