@@ -6,7 +6,8 @@ speed here) and libzstd (streaming decompression). Both are in the backup image 
 run on both cores.
 
 Nothing here is required: ``available()`` says whether both libraries loaded, and the
-caller falls back to the gpg and zstd commands when they did not."""
+caller falls back to the gpg and zstd commands when they did not. Also libc's
+sync_file_range, to start the write-back of what a restore staged (best effort)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,31 @@ def _libzstd() -> ctypes.CDLL | None:
     except AttributeError:
         return None
     return lib
+
+
+SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-back of dirty pages, do not wait
+
+
+@cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> bool:
+    """Start writing ``fd``'s dirty pages in [offset, offset + length) (0: to the end) to
+    disk without waiting, so a later fsync or syncfs has little left to wait for. False
+    where sync_file_range is missing."""
+    call = _sync_file_range()
+    if call is None:
+        return False
+    call(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+    return True
 
 
 def available() -> bool:

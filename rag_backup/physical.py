@@ -12,7 +12,6 @@ import re
 import shutil
 import stat
 import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,8 +36,6 @@ SIGNAL_FILES = ("recovery.signal", "standby.signal")
 LOCK_FILE = "postmaster.pid"
 # Files every base backup of a cluster holds; verify checks they are in the archive.
 REQUIRED_MEMBERS = ("PG_VERSION", "global/pg_control", "backup_label", "backup_manifest")
-# How often the write-back of freshly extracted data is started while tar runs.
-WRITEBACK_INTERVAL_S = 0.1
 # PITR: whether the private server has left recovery is asked (a psql process) every
 # RECOVERY_ASK_INTERVAL_S, and sooner (RECOVERY_RETRY_S after the last time) once its
 # recovery.signal is gone, which is looked at every RECOVERY_POLL_S.
@@ -113,19 +110,6 @@ def read_archive(stream: IO[bytes], target: Path | None) -> set[str]:
     return names
 
 
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-back of dirty pages, do not wait
-
-
 def _regular_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
     """(directory, name, size, directory fd) of every regular file under ``root``. The tree
     was written by an untrusted archive: walked by directory file descriptors without
@@ -138,52 +122,6 @@ def _regular_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
                 continue
             if stat.S_ISREG(info.st_mode):
                 yield directory, name, info.st_size, dir_fd
-
-
-class WritebackStarter:
-    """While tar writes the staged copy, starts the kernel's write-back of what has been
-    written so far (sync_file_range WRITE: asynchronous, no wait), as PostgreSQL's own
-    pre-sync does: the disk writes while the CPUs decrypt and decompress, so the fsync at
-    the end has little left to wait for (otherwise every byte is still dirty in the page
-    cache when extraction ends). Best effort: does nothing without sync_file_range."""
-
-    def __init__(self, root: Path) -> None:
-        self._root = root
-        self._started: dict[tuple[str, str], int] = {}  # bytes already started
-        self._stop = threading.Event()
-        self._call = _sync_file_range()
-        self._thread: threading.Thread | None = None
-        if self._call is not None:
-            self._thread = threading.Thread(target=self._run, name="writeback", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(WRITEBACK_INTERVAL_S):
-            try:
-                self._one_pass()
-            except OSError:
-                continue  # a directory removed under us (cleanup after a failure)
-
-    def _one_pass(self) -> None:
-        assert self._call is not None
-        for directory, name, size, dir_fd in _regular_files(self._root):
-            key = (directory, name)
-            done = self._started.get(key, 0)
-            if size <= done:
-                continue
-            fd = open_regular(name, dir_fd)
-            if fd is None:
-                continue
-            try:
-                self._call(fd, done, size - done, SYNC_FILE_RANGE_WRITE)
-            finally:
-                os.close(fd)
-            self._started[key] = size
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 def sync_tree(root: Path) -> None:
@@ -228,18 +166,17 @@ def extract_base_backup(
     """Extract the base backup into ``target`` (an empty directory) as ``decrypt_into``
     hands over its plaintext (streams.decrypt_into: a thread of the pipeline writes the
     files, untar.py). Files and directories get ``target``'s owner. ``durable``: the copy
-    will go live, so its write-back starts during extraction and it is fsynced at the end.
+    will go live, so the write-back of each file starts as it is written (the disk writes
+    while the CPUs decrypt and decompress, as PostgreSQL's own pre-sync does) and the copy
+    is synced at the end.
     ``phases`` gets the CPU seconds spent writing the files and the fsync's wall time."""
     info = target.stat()
     owner = (info.st_uid, info.st_gid) if os.geteuid() == 0 else None
-    extractor = untar.TarExtractor(target, owner)
-    writeback = WritebackStarter(target) if durable else None
+    extractor = untar.TarExtractor(target, owner, writeback=durable)
     try:
         decrypt_into(extractor.feed)
         extractor.finish()
     finally:
-        if writeback is not None:
-            writeback.stop()
         extractor.close()
     if phases is not None:
         phases["cpu untar"] = extractor.cpu_seconds

@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import PurePosixPath
 
+from rag_backup import clibs
 from rag_backup.errors import BackupError
 
 BLOCK = 512
@@ -27,6 +28,8 @@ FILE_MODE_MASK = 0o640
 DIR_MODE_MASK = 0o750
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# With ``writeback``: the write-back of a file is started every this many bytes written.
+WRITEBACK_BYTES = 8 << 20
 
 
 def _octal(field: bytes, what: str, name: str) -> int:
@@ -45,10 +48,21 @@ def _checksum_ok(header: bytes) -> bool:
 
 class TarExtractor:
     """Feed it the archive in pieces (``feed``), then ``finish``; ``close`` in any case.
-    ``owner`` (uid, gid): given to every file and directory made (when running as root)."""
+    ``owner`` (uid, gid): given to every file and directory made (when running as root).
+    ``writeback``: start the kernel's write-back of each file's data as it is written
+    (sync_file_range, asynchronous), so a sync at the end has little left to wait for."""
 
-    def __init__(self, root: str | os.PathLike[str], owner: tuple[int, int] | None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        owner: tuple[int, int] | None,
+        *,
+        writeback: bool = False,
+    ) -> None:
         self._owner = owner
+        self._writeback = writeback
+        self._written = 0  # of the current file
+        self._started = 0  # of those, bytes whose write-back has been started
         self._dirs: dict[str, int] = {"": os.open(root, OPEN_DIR)}
         self._header = bytearray()
         self._file: int | None = None
@@ -135,6 +149,7 @@ class TarExtractor:
         if self._owner is not None:
             os.fchown(fd, *self._owner)
         self._file, self._file_name = fd, key
+        self._written = self._started = 0
         self._left, self._pad = size, (-size) % BLOCK
         if not size:
             self._close_file()
@@ -166,11 +181,17 @@ class TarExtractor:
 
     def _write(self, data: memoryview) -> None:
         assert self._file is not None
+        self._written += len(data)
         while data:
             data = data[os.write(self._file, data) :]
+        if self._writeback and self._written - self._started >= WRITEBACK_BYTES:
+            clibs.start_writeback(self._file, self._started, self._written - self._started)
+            self._started = self._written
 
     def _close_file(self) -> None:
         if self._file is not None:
+            if self._writeback and self._written > self._started:
+                clibs.start_writeback(self._file, self._started, 0)
             os.close(self._file)
             self._file = None
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag_backup import metrics, pg
+from rag_backup import clibs, metrics, pg
 from rag_backup.crypto import Cipher, CipherSettings
 from rag_backup.errors import BackupError
 from rag_backup.manifest import ARTIFACT_NAME
@@ -359,6 +359,10 @@ def stage_segments(
             open(fd, "wb") as out,
         ):
             copy_stream(stream, out, f"wal {name}", progress)
+            out.flush()
+            # Written out now rather than by the restore's sync of the whole filesystem
+            # (the segments are staged beside the copy, on its filesystem).
+            clibs.start_writeback(out.fileno())
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for _ in pool.map(stage, names):
