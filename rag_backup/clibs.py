@@ -186,11 +186,14 @@ class ZstdError(Exception):
 
 
 class ZstdDecompressor:
-    """Streaming zstd decompression into one reused output buffer: ``feed`` calls ``sink``
-    with each filled part of it (valid only during the call). Frame checksums are verified
-    by the library, and its default window limit (128 MiB) is the zstd command's."""
+    """Streaming zstd decompression: ``feed`` calls ``sink`` with each filled part of the
+    output buffer. By default one buffer is reused (a part is valid only during the call);
+    with ``buffers``, every call fills a buffer taken from it and the sink owns that buffer
+    (``part.obj``) from then on, so another thread can consume it without a copy. Frame
+    checksums are verified by the library, and its default window limit (128 MiB) is the
+    zstd command's."""
 
-    def __init__(self, out_size: int) -> None:
+    def __init__(self, out_size: int, buffers: Callable[[], bytearray] | None = None) -> None:
         lib = _libzstd()
         if lib is None:
             raise ValueError("libzstd missing")
@@ -198,9 +201,8 @@ class ZstdDecompressor:
         self._ctx = lib.ZSTD_createDCtx()
         if not self._ctx:
             raise MemoryError("ZSTD_createDCtx")
-        self._out = bytearray(out_size)
-        self._out_c = (ctypes.c_char * out_size).from_buffer(self._out)
-        self._view = memoryview(self._out)
+        self._buffers = buffers
+        self._out = bytearray(0 if buffers else out_size)
         self._frame_open = False  # inside a frame that has not been completely decoded
         self._fed = False
 
@@ -209,25 +211,28 @@ class ZstdDecompressor:
         source = ctypes.c_char_p(data)  # points into ``data``, which outlives the calls
         inb = _InBuffer(ctypes.cast(source, ctypes.c_void_p), len(data), 0)
         while True:
-            produced = self._step(inb, sink)
+            produced, size = self._step(inb, sink)
             # Done with this input once it is all read and the output was not full (a full
             # output buffer may mean more is waiting inside the decoder).
-            if inb.pos >= inb.size and produced < len(self._out):
+            if inb.pos >= inb.size and produced < size:
                 return
 
-    def _step(self, inb: _InBuffer, sink: Callable[[memoryview], None]) -> int:
-        outb = _OutBuffer(ctypes.addressof(self._out_c), len(self._out), 0)
+    def _step(self, inb: _InBuffer, sink: Callable[[memoryview], None]) -> tuple[int, int]:
+        out = self._buffers() if self._buffers else self._out
+        target = (ctypes.c_char * len(out)).from_buffer(out)
+        outb = _OutBuffer(ctypes.addressof(target), len(out), 0)
         read_before = inb.pos
         result = self._lib.ZSTD_decompressStream(self._ctx, ctypes.byref(outb), ctypes.byref(inb))
+        del target  # the buffer's export: it may be handed on now
         if self._lib.ZSTD_isError(result):
             raise ZstdError(self._lib.ZSTD_getErrorName(result).decode(errors="replace"))
         if outb.pos or inb.pos != read_before:
             # 0: a frame ended here. A call that did nothing answers with the size of the
             # next frame's header instead, which says nothing about the last one.
             self._frame_open = result != 0
-        if outb.pos:
-            sink(self._view[: outb.pos])
-        return int(outb.pos)
+        if outb.pos or self._buffers:
+            sink(memoryview(out)[: outb.pos])  # an empty part gives a taken buffer back
+        return int(outb.pos), len(out)
 
     def finish(self, sink: Callable[[memoryview], None]) -> None:
         """After the last input: lets the decoder finish (it may end a frame only when
@@ -236,13 +241,11 @@ class ZstdDecompressor:
             raise ZstdError("no compressed data")
         empty = _InBuffer(None, 0, 0)
         while self._frame_open:
-            if not self._step(empty, sink):
+            if not self._step(empty, sink)[0]:
                 raise ZstdError("the compressed data ends inside a frame (truncated)")
 
     def close(self) -> None:
         if self._ctx:
-            self._view.release()
-            del self._out_c
             self._lib.ZSTD_freeDCtx(self._ctx)
             self._ctx = None
 

@@ -124,6 +124,14 @@ def no_logical_message(entry: BackupEntry) -> str:
     )
 
 
+def _artifact_source(
+    entry: BackupEntry, item: dict[str, Any], component: str
+) -> tuple[Path, ExpectedCiphertext, str]:
+    """An artifact's file, what the manifest says it is, and its name in messages."""
+    expected = ExpectedCiphertext(int(item["size"]), str(item["sha256"]))
+    return entry.path / str(item["name"]), expected, f"{component} ({item['name']})"
+
+
 @contextmanager
 def checked_plaintext(
     cipher: Cipher,
@@ -136,9 +144,7 @@ def checked_plaintext(
     same pass (a mismatch raises when the block ends: whatever was written from the stream
     must be discarded then; callers write only into staging areas). ``cpu``: see
     decrypted_stream."""
-    path = entry.path / str(item["name"])
-    expected = ExpectedCiphertext(int(item["size"]), str(item["sha256"]))
-    name = f"{component} ({item['name']})"
+    path, expected, name = _artifact_source(entry, item, component)
     with decrypted_stream(cipher, path, name, expected, cpu) as stream:
         yield stream
 
@@ -152,9 +158,7 @@ def checked_plaintext_into(
 ) -> Callable[[Sink], None]:
     """checked_plaintext for a consumer that takes pieces (streams.decrypt_into): the same
     checks, raised when the call returns."""
-    path = entry.path / str(item["name"])
-    expected = ExpectedCiphertext(int(item["size"]), str(item["sha256"]))
-    name = f"{component} ({item['name']})"
+    path, expected, name = _artifact_source(entry, item, component)
     return lambda sink: decrypt_into(cipher, path, name, sink, expected, cpu)
 
 
