@@ -399,9 +399,7 @@ def consume_plaintext(kind: str, stream: IO[bytes], component: dict[str, Any]) -
         return counter.count
     if kind == physical_mod.KIND:
         counter = _CountingReader(stream)
-        physical_mod.read_archive(counter, target=None)  # type: ignore[arg-type]
-        while counter.read(CHUNK):
-            pass
+        physical_mod.check_archive(counter)  # type: ignore[arg-type]
         return counter.count
     head = stream.read(len(PLAINTEXT_MAGIC[kind]))
     if head != PLAINTEXT_MAGIC[kind]:

@@ -11,11 +11,10 @@ import os
 import re
 import shutil
 import stat
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
 from rag_backup import pg, untar
@@ -61,53 +60,23 @@ def start_basebackup(settings: pg.PostgresSettings) -> Proc:
     )
 
 
-def _safe_member(name: str) -> PurePosixPath:
-    rel = PurePosixPath(name)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise BackupError(f"physical backup archive: unsafe member path {name!r}")
-    return rel
-
-
-def read_archive(stream: IO[bytes], target: Path | None) -> set[str]:
-    """Read the base backup tar; extract into ``target`` when given (an empty directory).
-    Returns the member names. Only directories and regular files are accepted (a cluster
-    without extra tablespaces has no symlinks)."""
-    names: set[str] = set()
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                rel = _safe_member(member.name)
-                names.add(rel.as_posix())
-                dest = target / rel if target is not None else None
-                if member.isdir():
-                    if dest is not None:
-                        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    continue
-                if not member.isfile():
-                    raise BackupError(
-                        f"physical backup archive: {member.name} is not a file or directory "
-                        "(tablespaces are not supported)"
-                    )
-                source = tar.extractfile(member)
-                assert source is not None
-                if dest is None:
-                    while source.read(CHUNK):
-                        pass
-                    continue
-                dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                with open(dest, "xb") as out:
-                    while True:
-                        chunk = source.read(CHUNK)
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                os.chmod(dest, 0o600)
-    except tarfile.TarError as error:
-        raise BackupError(f"physical backup archive is damaged: {error}") from error
-    missing = [name for name in REQUIRED_MEMBERS if name not in names]
+def _require_members(files: set[str]) -> None:
+    missing = [name for name in REQUIRED_MEMBERS if name not in files]
     if missing:
         raise BackupError(f"physical backup archive lacks {', '.join(missing)}")
-    return names
+
+
+def check_archive(stream: IO[bytes]) -> None:
+    """Read the base backup tar through, writing nothing: the checks a restore's extraction
+    makes (untar.py), so ``verify`` passes no archive a restore would refuse."""
+    extractor = untar.TarExtractor(None, None)
+    try:
+        while chunk := stream.read(CHUNK):
+            extractor.feed(memoryview(chunk))
+        extractor.finish()
+    finally:
+        extractor.close()
+    _require_members(extractor.files)
 
 
 def _regular_files(root: Path) -> Iterator[tuple[str, str, int, int]]:
@@ -180,9 +149,7 @@ def extract_base_backup(
         extractor.close()
     if phases is not None:
         phases["cpu untar"] = extractor.cpu_seconds
-    missing = [name for name in REQUIRED_MEMBERS if not (target / name).is_file()]
-    if missing:
-        raise BackupError(f"physical backup archive lacks {', '.join(missing)}")
+    _require_members(extractor.files)
     for name in (*SIGNAL_FILES, LOCK_FILE):
         if (target / name).exists():
             log(f"physical backup: removing {name} found in the backup (never honoured)")

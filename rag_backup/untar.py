@@ -48,13 +48,15 @@ def _checksum_ok(header: bytes) -> bool:
 
 class TarExtractor:
     """Feed it the archive in pieces (``feed``), then ``finish``; ``close`` in any case.
-    ``owner`` (uid, gid): given to every file and directory made (when running as root).
+    ``root`` None: nothing is written, the archive is only checked as an extraction would
+    check it (what ``verify`` does). ``owner`` (uid, gid): given to every file and directory
+    made (when running as root).
     ``writeback``: start the kernel's write-back of each file's data as it is written
     (sync_file_range, asynchronous), so a sync at the end has little left to wait for."""
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | None,
         owner: tuple[int, int] | None,
         *,
         writeback: bool = False,
@@ -63,7 +65,9 @@ class TarExtractor:
         self._writeback = writeback
         self._written = 0  # of the current file
         self._started = 0  # of those, bytes whose write-back has been started
-        self._dirs: dict[str, int] = {"": os.open(root, OPEN_DIR)}
+        self._check_only = root is None
+        # Directory descriptors by name (-1 when only checking).
+        self._dirs: dict[str, int] = {"": -1 if root is None else os.open(root, OPEN_DIR)}
         self._header = bytearray()
         self._file: int | None = None
         self._file_name = ""
@@ -71,6 +75,7 @@ class TarExtractor:
         self._pad = 0  # then padding to the next block
         self._ended = False  # the end-of-archive block was read
         self.names: set[str] = set()
+        self.files: set[str] = set()  # of the names, the regular files
         self.cpu_seconds = 0.0
 
     def feed(self, data: memoryview) -> None:
@@ -145,10 +150,15 @@ class TarExtractor:
                 "(tablespaces are not supported)"
             )
         parent = self._directory(rel.parts[:-1], 0o700)
-        fd = os.open(rel.parts[-1], CREATE_FILE, mode & FILE_MODE_MASK | 0o600, dir_fd=parent)
-        if self._owner is not None:
-            os.fchown(fd, *self._owner)
-        self._file, self._file_name = fd, key
+        if key in self._dirs:
+            raise BackupError(f"physical backup archive: {key} is both a file and a directory")
+        self.files.add(key)
+        if not self._check_only:
+            fd = os.open(rel.parts[-1], CREATE_FILE, mode & FILE_MODE_MASK | 0o600, dir_fd=parent)
+            if self._owner is not None:
+                os.fchown(fd, *self._owner)
+            self._file = fd
+        self._file_name = key
         self._written = self._started = 0
         self._left, self._pad = size, (-size) % BLOCK
         if not size:
@@ -161,6 +171,11 @@ class TarExtractor:
         if fd is not None:
             return fd
         parent = self._directory(parts[:-1], 0o700)
+        if key in self.files:
+            raise BackupError(f"physical backup archive: {key} is both a file and a directory")
+        if self._check_only:
+            self._dirs[key] = -1
+            return -1
         try:
             os.mkdir(parts[-1], mode, dir_fd=parent)
             made = True
@@ -180,7 +195,8 @@ class TarExtractor:
         return fd
 
     def _write(self, data: memoryview) -> None:
-        assert self._file is not None
+        if self._file is None:
+            return  # only checking
         self._written += len(data)
         while data:
             data = data[os.write(self._file, data) :]
@@ -197,11 +213,12 @@ class TarExtractor:
 
     def finish(self) -> None:
         """The archive must not stop inside a header or a member's data."""
-        if self._left or self._header or self._file is not None:
+        if self._left or self._header:
             raise BackupError("physical backup archive is truncated (it ends inside a member)")
 
     def close(self) -> None:
         self._close_file()
         for fd in self._dirs.values():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._dirs.clear()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_backup import untar
+from rag_backup import physical, untar
 from rag_backup.errors import BackupError
 from tests.servers import start_postgres
 from tests.tooling import require_tool
@@ -65,6 +65,10 @@ def test_a_real_base_backup_extracts_as_gnu_tar_extracts_it(tmp_path: Path) -> N
     names = _extract(archive, in_process, piece=65_536 + 7)
     expected = _tree(by_gnu_tar)
     assert _tree(in_process) == expected
+    physical.check_archive(io.BytesIO(archive))  # what verify does: passes, writes nothing
+    for name in ("PG_VERSION", "global/pg_control"):
+        with pytest.raises(BackupError, match=f"lacks {name}"):
+            physical.check_archive(io.BytesIO(_without(archive, name)))
     assert {"PG_VERSION", "global/pg_control", "backup_label", "backup_manifest"} <= names
     assert len(expected) > 500
 
@@ -81,6 +85,19 @@ def _archive(*members: tarfile.TarInfo | tuple[str, bytes]) -> bytes:
                 info.size = len(body)
                 info.mode = 0o600
                 tar.addfile(info, io.BytesIO(body))
+    return buffer.getvalue()
+
+
+def _without(archive: bytes, name: str) -> bytes:
+    """``archive`` rewritten without member ``name``."""
+    buffer = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive), mode="r") as source,
+        tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
+        for member in source:
+            if member.name != name:
+                tar.addfile(member, source.extractfile(member) if member.isfile() else None)
     return buffer.getvalue()
 
 
@@ -101,9 +118,13 @@ def _link(name: str, kind: bytes, target: str) -> tarfile.TarInfo:
         (_archive(("/escaped", b"1")), "unsafe member path"),
         (_archive(("twice", b"1"), ("twice", b"2")), "appears twice"),
         (_archive(("base", b"1"), ("base/1", b"2")), "both a file and a directory"),
+        (_archive(("base/1", b"1"), ("base", b"2")), "both a file and a directory"),
     ],
-    ids=["symlink", "hard link", "dot-dot", "dot-dot inside", "absolute", "twice", "file/dir"],
-)
+    ids=[
+        "symlink", "hard link", "dot-dot", "dot-dot inside", "absolute", "twice", "file/dir",
+        "dir/file",
+    ],
+)  # fmt: skip
 def test_a_hostile_member_is_refused(tmp_path: Path, archive: bytes, message: str) -> None:
     target = tmp_path / "copy"
     target.mkdir()
@@ -111,6 +132,9 @@ def test_a_hostile_member_is_refused(tmp_path: Path, archive: bytes, message: st
         _extract(archive, target)
     assert not (tmp_path / "escaped").exists()
     assert all(not p.is_symlink() for p in target.rglob("*"))
+    # verify reads the archive with the same checks, writing nothing.
+    with pytest.raises(BackupError, match=message):
+        physical.check_archive(io.BytesIO(archive))
 
 
 def test_a_pax_header_is_refused(tmp_path: Path) -> None:
