@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.docker.deployment import Deployment
-from tests.docker.engine import DockerCli, DockerObjects
+from tests.docker.engine import DockerCli, DockerObjects, remove_abandoned
 from tests.docker.images import ensure_tools_image
 from tests.docker.translate import Renamer
 from tests.pulumi_harness import ProgramRun, run_program
@@ -52,11 +52,18 @@ def _engine_answers(cli: DockerCli) -> bool:
         return False
 
 
+def _tidied(cli: DockerCli) -> DockerCli:
+    removed = remove_abandoned(cli)
+    if removed:
+        print(f"[tests/docker] removed what killed test sessions left: {', '.join(removed)}")
+    return cli
+
+
 @pytest.fixture(scope="session")
 def docker_cli() -> Iterator[DockerCli]:
     cli = DockerCli(require_tool("docker"))
     if _engine_answers(cli):
-        yield cli
+        yield _tidied(cli)
         return
     if os.geteuid() != 0:
         _unavailable("no Docker engine answers and only root may start dockerd")
@@ -73,7 +80,7 @@ def docker_cli() -> Iterator[DockerCli]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 _unavailable(f"dockerd did not come up (see {log}):\n{log_tail(log)}")
             time.sleep(0.5)
-        yield cli
+        yield _tidied(cli)
     finally:
         stop_process(proc, 15)
 

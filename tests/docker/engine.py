@@ -2,13 +2,16 @@
 
 Every call has a timeout. Objects are created through ``DockerObjects`` only, which
 remembers each one (and labels it with the session's id) and removes exactly those at
-the end -- never anything else on the engine.
+the end -- never anything else on the engine, except what an earlier session that was
+killed before its cleanup left (``remove_abandoned``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +20,11 @@ from typing import IO, Any
 
 DEFAULT_TIMEOUT_S = 60.0
 SESSION_LABEL = "rag-test.session"
+# The test process that made an object, and its machine: an object whose process is gone
+# was left by a session killed before its cleanup.
+OWNER_PID_LABEL = "rag-test.pid"
+OWNER_HOST_LABEL = "rag-test.host"
+KINDS = ("container", "network", "volume")  # the order they are removed in
 
 
 class DockerError(RuntimeError):
@@ -87,6 +95,12 @@ class DockerObjects:
     def label(self) -> str:
         return f"{SESSION_LABEL}={self.session}"
 
+    @property
+    def labels(self) -> list[str]:
+        """``--label`` arguments for every object made here."""
+        owner = (f"{OWNER_PID_LABEL}={os.getpid()}", f"{OWNER_HOST_LABEL}={socket.gethostname()}")
+        return [arg for label in (self.label, *owner) for arg in ("--label", label)]
+
     def create_network(
         self,
         name: str,
@@ -94,7 +108,7 @@ class DockerObjects:
         driver: str = "bridge",
         options: Mapping[str, str] | None = None,
     ) -> str:
-        args = ["network", "create", "--driver", driver, "--label", self.label]
+        args = ["network", "create", "--driver", driver, *self.labels]
         if internal:
             args.append("--internal")
         for key, value in (options or {}).items():
@@ -105,13 +119,13 @@ class DockerObjects:
 
     def create_volume(self, name: str) -> str:
         self.volumes.append(name)
-        self.docker.run("volume", "create", "--label", self.label, name)
+        self.docker.run("volume", "create", *self.labels, name)
         return name
 
     def create_container(self, name: str, create_args: Sequence[str]) -> str:
         """``docker create --name NAME ARGS`` (ARGS end with the image and command)."""
         self.containers.append(name)
-        self.docker.run("create", "--name", name, "--label", self.label, *create_args)
+        self.docker.run("create", "--name", name, *self.labels, *create_args)
         return name
 
     def _remove(
@@ -138,3 +152,45 @@ class DockerObjects:
                     errors.append(f"{kind} {name}: {stderr.strip()}")
             names.clear()
         return errors
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True
+
+
+def abandoned(docker: DockerCli) -> dict[str, list[str]]:
+    """By kind, the objects made on this machine by test processes that are gone. A killed
+    session's containers keep their restart policies: a restarted engine runs them again,
+    beside later sessions (a backup container's schedule included)."""
+    host = socket.gethostname()
+    found: dict[str, list[str]] = {}
+    for kind in KINDS:
+        name_field = "Names" if kind == "container" else "Name"
+        fields = (name_field, f'Label "{OWNER_PID_LABEL}"', f'Label "{OWNER_HOST_LABEL}"')
+        listing = docker.run(
+            kind, "ls", *(["-a"] if kind == "container" else []),
+            "--filter", f"label={OWNER_PID_LABEL}",
+            "--format", "\t".join("{{." + field + "}}" for field in fields),
+        )  # fmt: skip
+        for line in listing.splitlines():
+            name, pid, owner_host = line.split("\t")
+            if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+                found.setdefault(kind, []).append(name)
+    return found
+
+
+def remove_abandoned(docker: DockerCli) -> list[str]:
+    """Remove what ``abandoned`` finds; returns what was removed."""
+    removed = []
+    for kind, names in abandoned(docker).items():
+        force = ["-f", "-v"] if kind == "container" else (["-f"] if kind == "volume" else [])
+        for name in names:
+            docker.call(kind, "rm", *force, name, timeout=60)
+            removed.append(f"{kind} {name}")
+    return removed
