@@ -5,6 +5,7 @@ start-up sync by syncfs, and the per-phase timings a restore reports."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -34,6 +35,7 @@ from tests.servers import start_postgres
 from tests.tooling import require_tool
 
 WALK_TIMEOUT_S = 30
+READY_BOUND_S = 60
 
 
 def test_proc_reports_the_cpu_seconds_of_an_exited_child_and_keeps_its_exit_code() -> None:
@@ -300,6 +302,9 @@ def test_private_server_is_found_ready_without_its_pid_file_status(
         return real_psql(settings, sql, database)
 
     monkeypatch.setattr(localpg, "psql_value", psql)
+    # Broken readiness fails here within a minute instead of the operator's 600 s.
+    bounded = functools.partialmethod(localpg.LocalPostgres._wait_ready, timeout_s=READY_BOUND_S)
+    monkeypatch.setattr(localpg.LocalPostgres, "_wait_ready", bounded)
     try:
         for readable in (True, False):
             tried.clear()
