@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import shutil
 import threading
@@ -31,6 +32,7 @@ from rag_backup.store import (
 )
 from rag_backup.streams import (
     CHUNK,
+    IDENTITY_HEAD_BYTES,
     ArtifactRecord,
     DecryptFailed,
     decrypted_stream,
@@ -378,7 +380,7 @@ def check_ciphertext(
     if digest is not None and digest != artifact["sha256"]:
         raise BackupError(f"{label}: corrupted: SHA-256 does not match the manifest")
     with open(path, "rb") as handle:
-        head = handle.read(512)
+        head = handle.read(IDENTITY_HEAD_BYTES)
     for magic, what in CLEAR_HEADERS.items():
         if head.startswith(magic):
             raise BackupError(f"{label}: not encrypted: starts with a plaintext {what} header")
@@ -386,6 +388,15 @@ def check_ciphertext(
         raise BackupError(f"{label}: not encrypted: it is a plaintext tar archive")
     if not cipher.looks_encrypted(head):
         raise BackupError(f"{label}: not {cipher.settings.method} ciphertext")
+    # What a restore identifies the file by (streams.ExpectedCiphertext): verify passes no
+    # backup whose restore would refuse it.
+    recorded_head = artifact.get("head_sha256")
+    if digest is not None and recorded_head and hashlib.sha256(head).hexdigest() != recorded_head:
+        raise BackupError(
+            f"{label}: corrupted: head_sha256 (of its first {IDENTITY_HEAD_BYTES} bytes) does "
+            "not match the manifest, though its whole SHA-256 does (the manifest contradicts "
+            "itself)"
+        )
     return path
 
 

@@ -128,7 +128,7 @@ def _artifact_source(
     entry: BackupEntry, item: dict[str, Any], component: str
 ) -> tuple[Path, ExpectedCiphertext, str]:
     """An artifact's file, what the manifest says it is, and its name in messages."""
-    expected = ExpectedCiphertext(int(item["size"]), str(item["sha256"]))
+    expected = ExpectedCiphertext.of(item)
     return entry.path / str(item["name"]), expected, f"{component} ({item['name']})"
 
 

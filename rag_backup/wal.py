@@ -239,6 +239,7 @@ def _archive_segment(
         "file": out.name,
         "size": record.size,
         "sha256": record.sha256,
+        "head_sha256": record.head_sha256,
         "archived_at": time.time(),
         "system_identifier": system,
     }
@@ -352,7 +353,7 @@ def stage_segments(
     def stage(name: str) -> None:
         record = index["segments"][name]
         path = wal_dir(store) / str(record["file"])
-        expected = ExpectedCiphertext(int(record["size"]), str(record["sha256"]))
+        expected = ExpectedCiphertext.of(record)
         fd = os.open(target / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with (
             decrypted_stream(cipher, path, f"wal {name}", expected) as stream,

@@ -67,6 +67,7 @@ def _rewrite_manifest_hash(path: Path) -> None:
         for artifact in component["artifacts"]:
             if artifact["name"] == path.name:
                 artifact["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+                artifact["head_sha256"] = _head_sha256(path)
     manifest_path.write_text(json.dumps(manifest))
 
 
@@ -80,7 +81,25 @@ def _plaintext(path: Path) -> None:
         for artifact in component["artifacts"]:
             if artifact["name"] == path.name:
                 artifact["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+                artifact["head_sha256"] = _head_sha256(path)
                 artifact["size"] = 1005
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _head_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()[: 64 * 1024]).hexdigest()
+
+
+def _rewrite_head_hash(path: Path) -> None:
+    """A manifest whose head_sha256 disagrees with its own (matching) SHA-256."""
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for component in manifest["components"].values():
+        for artifact in component["artifacts"]:
+            if artifact["name"] == path.name:
+                artifact["head_sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
 
 
@@ -90,6 +109,7 @@ FAULTS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "missing": ("redis.rdb.zst.gpg", lambda p: p.unlink(), "missing:"),
     "tampered": ("redis.rdb.zst.gpg", _rewrite_manifest_hash, "corrupted"),
     "plaintext": ("postgres.dump.zst.gpg", _plaintext, "not encrypted"),
+    "head": ("redis.rdb.zst.gpg", _rewrite_head_hash, "of its first 65536 bytes"),
 }
 
 

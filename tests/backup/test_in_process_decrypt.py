@@ -4,6 +4,8 @@ the same verdicts on damage, and gpg itself for anything it does not take on."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
 import re
 import subprocess
@@ -59,7 +61,12 @@ def _seal(cipher: Cipher, path: Path, data: bytes) -> streams.ExpectedCiphertext
         progress=Progress(enabled=False),
         feeder=feed,
     )
-    return streams.ExpectedCiphertext(record.size, record.sha256)
+    return streams.ExpectedCiphertext.of(record.to_json())
+
+
+def _without_head(expected: streams.ExpectedCiphertext) -> streams.ExpectedCiphertext:
+    """What a manifest written before head_sha256 existed says."""
+    return dataclasses.replace(expected, head_sha256=None)
 
 
 def _open(cipher: Cipher, path: Path, expected: streams.ExpectedCiphertext | None = None) -> bytes:
@@ -107,27 +114,130 @@ def _damage(path: Path, how: str) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize(
-    ("how", "reason"),
-    [
-        ("cut in the middle", "truncated: the encrypted data ends early"),
-        ("cut before the MDC", "truncated: the encrypted data ends early"),
-        ("a byte flipped in the middle", "corrupted:"),
-        ("the MDC's last byte flipped", "corrupted: the integrity check (MDC)"),
-        ("bytes appended", "corrupted:"),
-    ],
-)
-def test_damage_is_named_as_gpg_would(tmp_path: Path, how: str, reason: str) -> None:
+DAMAGE = [
+    ("cut in the middle", "truncated: the encrypted data ends early", "truncated: "),
+    ("cut before the MDC", "truncated: the encrypted data ends early", "truncated: "),
+    ("a byte flipped in the middle", "corrupted:", "corrupted: SHA-256 does not match"),
+    ("the MDC's last byte flipped", "corrupted: the integrity check (MDC)", "corrupted: SHA-256"),
+    ("bytes appended", "corrupted:", "corrupted: "),
+]
+
+
+@pytest.mark.parametrize(("how", "reason", "against_manifest"), DAMAGE)
+@pytest.mark.parametrize("head", ["with head_sha256", "without"])
+def test_damage_is_named_as_gpg_would(
+    tmp_path: Path, how: str, reason: str, against_manifest: str, head: str
+) -> None:
     with Cipher(CipherSettings("gpg", key_file=_key(tmp_path))) as cipher:
         sealed = tmp_path / "sealed"
         expected = _seal(cipher, sealed, _plaintext(3 << 20))
+        if head == "without":
+            expected = _without_head(expected)
         _damage(sealed, how)
         assert streams._in_process_session(cipher, sealed) is not None
         with pytest.raises(streams.DecryptFailed, match="^test: " + re.escape(reason)):
             _open(cipher, sealed)
-        # With the manifest's size and SHA-256, the mismatch is the reason given.
-        with pytest.raises(streams.CiphertextMismatch):
+        # With the manifest's record, the mismatch is the reason given, whether the whole
+        # file was hashed while read or only once the decryption failed.
+        with pytest.raises(
+            streams.CiphertextMismatch, match="^test: " + re.escape(against_manifest)
+        ):
             _open(cipher, sealed, expected)
+
+
+def test_a_backup_records_the_sha256_of_its_first_64_kib(tmp_path: Path) -> None:
+    with Cipher(CipherSettings("gpg", key_file=_key(tmp_path))) as cipher:
+        for size in (1000, 3 << 20):
+            sealed = tmp_path / f"sealed-{size}"
+            expected = _seal(cipher, sealed, _plaintext(size))
+            written = sealed.read_bytes()
+            assert expected.size == len(written)
+            assert expected.sha256 == hashlib.sha256(written).hexdigest()
+            assert expected.head_sha256 == hashlib.sha256(written[: 64 * 1024]).hexdigest()
+
+
+class _CountingSha256:
+    """hashlib for streams.py, counting the bytes given to SHA-256."""
+
+    def __init__(self) -> None:
+        self.hashed = 0
+
+    def sha256(self, data: bytes = b"") -> _CountingSha256._Digest:
+        return self._Digest(self, data)
+
+    class _Digest:
+        def __init__(self, owner: _CountingSha256, data: bytes) -> None:
+            self._owner = owner
+            self._digest = hashlib.sha256()
+            self.update(data)
+
+        def update(self, data: bytes) -> None:
+            self._owner.hashed += len(data)
+            self._digest.update(data)
+
+        def hexdigest(self) -> str:
+            return self._digest.hexdigest()
+
+
+def test_a_good_file_is_hashed_only_at_its_head_when_the_manifest_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _plaintext(8 << 20)
+    with Cipher(CipherSettings("gpg", key_file=_key(tmp_path))) as cipher:
+        sealed = tmp_path / "sealed"
+        expected = _seal(cipher, sealed, data)
+        counting = _CountingSha256()
+        monkeypatch.setattr(streams, "hashlib", counting)
+        assert _open(cipher, sealed, expected) == data
+        assert counting.hashed == 64 * 1024  # the MDC, checked anyway, covers the rest
+        counting.hashed = 0
+        assert _open(cipher, sealed, _without_head(expected)) == data
+        assert counting.hashed == expected.size
+
+
+@pytest.mark.parametrize("head", ["with head_sha256", "without"])
+def test_another_encryption_of_the_same_data_is_refused(tmp_path: Path, head: str) -> None:
+    # Same plaintext, same key, same size: only the salt and the random prefix differ,
+    # as between two backups of an unchanged database.
+    data = _plaintext(3 << 20)
+    with Cipher(CipherSettings("gpg", key_file=_key(tmp_path))) as cipher:
+        sealed, other = tmp_path / "sealed", tmp_path / "other"
+        expected = _seal(cipher, sealed, data)
+        _seal(cipher, other, data)
+        assert other.stat().st_size == expected.size
+        if head == "without":
+            expected = _without_head(expected)
+        got = bytearray()
+        with pytest.raises(streams.CiphertextMismatch, match=r"^test: corrupted: SHA-256"):
+            streams.decrypt_into(cipher, other, "test", got.extend, expected)
+        if head == "with head_sha256":
+            assert not got  # refused before anything was decrypted
+        else:
+            assert got == data  # hashed while read: known only at the end
+
+
+def test_a_file_of_another_size_is_refused_before_anything_is_decrypted(tmp_path: Path) -> None:
+    with Cipher(CipherSettings("gpg", key_file=_key(tmp_path))) as cipher:
+        sealed = tmp_path / "sealed"
+        expected = _seal(cipher, sealed, _plaintext(3 << 20))
+        with sealed.open("ab") as grown:
+            grown.write(b"\0" * 5)
+        got = bytearray()
+        with pytest.raises(
+            streams.CiphertextMismatch,
+            match=f"^test: corrupted: {expected.size + 5} bytes, the manifest records "
+            f"{expected.size}$",
+        ):
+            streams.decrypt_into(cipher, sealed, "test", got.extend, expected)
+        assert not got
+
+
+@pytest.mark.parametrize("value", [123, "ABC", "0" * 63, "g" * 64])
+def test_a_malformed_head_sha256_is_named(value: object) -> None:
+    record = {"size": 10, "sha256": "0" * 64, "head_sha256": value}
+    with pytest.raises(BackupError, match=f"head_sha256 {re.escape(repr(value))} is not 64"):
+        streams.ExpectedCiphertext.of(record)
+    assert streams.ExpectedCiphertext.of({"size": 10, "sha256": "0" * 64}).head_sha256 is None
 
 
 def test_a_wrong_key_is_left_to_gpg_which_says_so(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ encrypted at rest, and a physical restore to a time between two marker rows."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 
@@ -51,6 +52,9 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     for record in index["segments"].values():
         data = (wal / record["file"]).read_bytes()
         assert len(data) == record["size"]
+        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+        # What a restore decrypting in process identifies the segment by (with its MDC).
+        assert hashlib.sha256(data[: 64 * 1024]).hexdigest() == record["head_sha256"]
         assert data[:1] != b"\xd1" and b"feedback" not in data  # ciphertext, not WAL
     spool = stack.backup_dir / ".wal-spool"
     assert [p.name for p in spool.iterdir() if p.stat().st_size > 0] == []  # no plaintext left
@@ -88,6 +92,15 @@ def test_wal_archive_then_restore_to_a_time_between_two_markers(stack: Stack) ->
     assert outside.returncode == 1
     assert "is outside what is archived: expected a time in" in outside.stderr, outside.stderr
     assert f"(base backup {backup.stdout.strip()})" in outside.stderr
+    # The index is untrusted too: a malformed head_sha256 is named with its value.
+    malformed = json.loads(json.dumps(index))
+    last = sorted(malformed["segments"])[-1]  # one the drill replays (see the gap above)
+    malformed["segments"][last]["head_sha256"] = "not hex"
+    (wal / "index.json").write_text(json.dumps(malformed))
+    refused = run_cli(["drill", backup.stdout.strip()], stack.env)
+    (wal / "index.json").write_text(json.dumps(index))
+    assert refused.returncode == 1
+    assert "head_sha256 'not hex' is not 64 lowercase hex digits" in refused.stderr
     # The failed drill is the backup's last verification record, and a PITR passes over such
     # a backup; the failure was the tampering's (the index is intact again): drop the record.
     (stack.backup_dir / backup.stdout.strip() / "verification.json").unlink()

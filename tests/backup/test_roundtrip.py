@@ -119,6 +119,7 @@ def test_backup_files_are_ciphertext_listed_in_manifest_and_metrics_are_valid(st
         data = (directory / artifact["name"]).read_bytes()
         assert len(data) == artifact["size"]
         assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+        assert hashlib.sha256(data[: 64 * 1024]).hexdigest() == artifact["head_sha256"]
         for clear in (b"PGDMP", b"REDIS", b"SQLite format 3", b"ustar", b"\x28\xb5\x2f\xfd"):
             assert clear not in data[:4096]
     assert manifest["components"]["postgres"]["row_counts"]["public.feedback"] == 2000

@@ -154,6 +154,7 @@ MALFORMED: dict[str, Any] = {
     "unknown component": {"components": {"mysql": {"artifacts": []}}},
     "components a list": {"components": []},
     "size negative": "size",
+    "head_sha256 upper case": "head_sha256",
     "not an object": [1, 2],
 }
 
@@ -167,6 +168,9 @@ def _write_malformed(source: Path, backups: Path, index: int, how: Any) -> str:
         manifest["components"]["chroma"]["artifacts"][0]["name"] = how
     elif how == "size":
         manifest["components"]["chroma"]["artifacts"][0]["size"] = -1
+    elif how == "head_sha256":
+        artifact = manifest["components"]["chroma"]["artifacts"][0]
+        artifact["head_sha256"] = artifact["head_sha256"].upper()
     elif isinstance(how, dict) and "database" in how:
         manifest["components"]["postgres"]["database"] = how["database"]
     elif isinstance(how, dict) and how:
@@ -221,6 +225,11 @@ def test_malformed_manifests_are_skipped_with_a_warning_and_counted(
     _no_traceback(result)
     assert f"backup folder {backups / traversal}: malformed manifest.json" in result.stderr
     assert "is not a plain artifact file name" in result.stderr
+    upper = bad[list(MALFORMED).index("head_sha256 upper case")]
+    result = run_cli(["restore", upper, "--components", "chroma", "--yes"], env)
+    assert result.returncode == 1
+    _no_traceback(result)
+    assert "artifacts[0].head_sha256 is not 64 lowercase hex digits" in result.stderr
 
 
 # --------------------------------------------------------------------------- item 10
