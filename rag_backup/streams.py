@@ -632,7 +632,9 @@ def _in_process_plaintext(
         )
         if failed:
             mismatch = _whole_file_mismatch(path, expected)
-        elif read_all.is_set():
+        elif not read_all.is_set():
+            mismatch = "the encrypted file was not read to its end"  # never seen: be sure
+        else:
             mismatch = _size_mismatch(size, expected)  # it changed while being read
     if mismatch is not None:
         raise CiphertextMismatch(f"{name}: {mismatch}") from consumer_error
