@@ -59,9 +59,10 @@ def _artifact_problem(component: str, index: int, artifact: Any) -> str | None:
     sha = artifact.get("sha256")
     if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
         return f"{where}.sha256 is not 64 lowercase hex digits"
-    head = artifact.get("head_sha256", "0" * 64)  # absent before 2026-12
-    if not isinstance(head, str) or not SHA256_HEX.fullmatch(head):
-        return f"{where}.head_sha256 is not 64 lowercase hex digits"
+    if "head_sha256" in artifact:  # absent before 2026-12
+        head = artifact["head_sha256"]
+        if not isinstance(head, str) or not SHA256_HEX.fullmatch(head):
+            return f"{where}.head_sha256 is not 64 lowercase hex digits"
     if artifact.get("kind") not in COMPONENT_KINDS[component]:
         return (
             f"{where}.kind {artifact.get('kind')!r} is not one of "

@@ -501,13 +501,13 @@ def _in_process_plaintext(
     # hashed only while reading without them (an older manifest) or after a failure.
     by_head = expected is not None and expected.head_sha256 is not None
     refused: list[str] = []
-    read_all = threading.Event()
+    read_all = False
 
     def read(stage: _Stage) -> None:
         # Without a head to check, hashes the whole file even when a later stage gave up:
         # a damaged file is then reported as such (the manifest's SHA-256) rather than as
         # bad data.
-        nonlocal size
+        nonlocal size, read_all
         with open(path, "rb") as handle:
             if by_head:
                 assert expected is not None
@@ -525,7 +525,7 @@ def _in_process_plaintext(
                     cancel.set()  # the later stages stop; the message says why
                     break
                 if not chunk:
-                    read_all.set()
+                    read_all = True
                     break
                 if expected is not None and not by_head:
                     digest.update(chunk)
@@ -626,13 +626,15 @@ def _in_process_plaintext(
         mismatch = refused[0]
     elif expected is not None and not by_head:
         mismatch = _size_and_digest_mismatch(size, digest.hexdigest(), expected)
-    elif expected is not None:
-        failed = isinstance(consumer_error, Exception) or any(
+    elif expected is not None and isinstance(consumer_error, Exception | None):
+        # (An interrupt -- KeyboardInterrupt, SystemExit -- is no failure to explain: it
+        # stopped the reading, and is raised as it is.)
+        failed = consumer_error is not None or any(
             stage.error is not None for stage in stages.values()
         )
         if failed:
             mismatch = _whole_file_mismatch(path, expected)
-        elif not read_all.is_set():
+        elif not read_all:
             mismatch = "the encrypted file was not read to its end"  # never seen: be sure
         else:
             mismatch = _size_mismatch(size, expected)  # it changed while being read

@@ -340,8 +340,8 @@ def stage_segments(
     only: Collection[str] | None = None,
 ) -> int:
     """Decrypt every archived segment from ``start`` (same timeline; of those, ``only`` the
-    named ones when given) into ``target``, checking each one's size and SHA-256 against the
-    index. Returns how many.
+    named ones when given) into ``target``, checking each one against the index (size and
+    SHA-256, or size, head_sha256 and the MDC: streams.ExpectedCiphertext). Returns how many.
 
     ``jobs`` segments at a time: each has a fixed cost (the passphrase's key derivation,
     and with gpg two processes to start) that is large against a 16 MiB segment's."""

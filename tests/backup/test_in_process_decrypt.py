@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -325,3 +327,37 @@ def test_age_goes_through_the_commands_into_the_same_sink(tmp_path: Path) -> Non
         whole = bytearray()
         streams.decrypt_into(cipher, sealed, "test", whole.extend, expected)
         assert whole == data
+
+
+class _Interrupted(BaseException):
+    """Like KeyboardInterrupt: not an Exception, so not a failure to explain."""
+
+
+@pytest.mark.parametrize("head", ["with head_sha256", "without"])
+def test_an_interrupted_restore_is_not_reported_as_a_damaged_file(
+    tmp_path: Path, head: str
+) -> None:
+    # As Ctrl-C reaches a restore: a signal to the main thread, which waits while the
+    # pipeline's threads hand the plaintext to the sink.
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    with Cipher(CipherSettings("gpg", key_file=_key(tmp_path))) as cipher:
+        sealed = tmp_path / "sealed"
+        expected = _seal(cipher, sealed, _plaintext(32 << 20))
+        if head == "without":
+            expected = _without_head(expected)
+        sent = threading.Event()
+
+        def sink(piece: memoryview) -> None:
+            if not sent.is_set():
+                sent.set()
+                os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)  # the restore is still running when the signal is handled
+
+        previous = signal.signal(signal.SIGUSR1, interrupt)
+        try:
+            with pytest.raises(_Interrupted):
+                streams.decrypt_into(cipher, sealed, "test", sink, expected)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
