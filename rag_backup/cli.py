@@ -14,7 +14,7 @@ from types import FrameType
 
 from rag_backup import __version__, metrics, offsite, ops, pitr, redis_ops, wal
 from rag_backup.crypto import CipherSettings
-from rag_backup.errors import BackupError, BadArgument
+from rag_backup.errors import BackupError, BadArgument, Interrupted
 from rag_backup.localpg import find_server_bin_dir
 from rag_backup.pg import PostgresSettings
 from rag_backup.physical import PhysicalTarget
@@ -41,10 +41,6 @@ LIBPQ_VARS = (
 ALL_COMPONENTS = ("postgres", "redis", "chroma")
 RETENTION_DEFAULTS = {"daily": 7, "weekly": 4, "monthly": 6}
 RETENTION_ENV = {period: f"RAG_BACKUP_KEEP_{period.upper()}" for period in RETENTION_DEFAULTS}
-
-
-class Interrupted(BackupError):
-    pass
 
 
 def _env_path(name: str) -> Path | None:

@@ -9,3 +9,8 @@ class BackupError(Exception):
 class BadArgument(BackupError):
     """An argument that cannot be served (e.g. a recovery target outside the WAL archive),
     refused before anything is touched: exit code 2."""
+
+
+class Interrupted(BackupError):
+    """SIGTERM or SIGINT (``docker stop``, Ctrl-C): not a failure of the step it interrupted,
+    so parallel steps stop with it instead of being waited for."""

@@ -17,9 +17,9 @@ from typing import IO, Any
 from rag_backup import __version__, chroma, metrics, pg, redis_ops, wal
 from rag_backup import physical as physical_mod
 from rag_backup.crypto import Cipher, CipherSettings
-from rag_backup.errors import BackupError
+from rag_backup.errors import BackupError, Interrupted
 from rag_backup.pitr import START_FIELD as WAL_START_FIELD
-from rag_backup.procs import kill_all_children
+from rag_backup.procs import futures_ended, kill_all_children, stop_children_until, threads_ended
 from rag_backup.progress import Progress, human_bytes, log
 from rag_backup.store import (
     MANIFEST,
@@ -104,6 +104,9 @@ def _run_threads(*tasks: Callable[[], None]) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+        if errors:
+            # The others may be between two children: stop each one they start, too.
+            stop_children_until(threads_ended(threads))
     if errors:
         first = errors[0]
         if isinstance(first, BackupError):
@@ -338,11 +341,14 @@ def _run_components(cfg: BackupConfig, tmp: Path, progress: Progress) -> dict[st
                 try:
                     results[name] = future.result()
                     log(f"{name}: done in {results[name]['duration_seconds']:.1f}s")
+                except Interrupted:
+                    raise  # no component's failure: the whole backup stops
                 except BackupError as error:
                     errors.append(f"{name}: {error}")
-                    kill_all_children()  # no point finishing the others
+                    # No point finishing the others.
+                    stop_children_until(futures_ended(futures.values()))
         except BaseException:
-            kill_all_children()
+            stop_children_until(futures_ended(futures.values()))
             raise
         if errors:
             raise BackupError("backup failed: " + "; ".join(errors))

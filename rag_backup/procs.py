@@ -10,7 +10,9 @@ import select
 import subprocess
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, wait
 from typing import IO, Any
 
 from rag_backup.errors import BackupError
@@ -157,6 +159,39 @@ def kill_all_children() -> None:
             child.wait(timeout=10)
 
 
+# How often stop_children_until kills again while the workers have not ended.
+STOP_POLL_S = 0.1
+
+
+def stop_children_until(workers_ended: Callable[[float], bool]) -> None:
+    """Kill every child, again every STOP_POLL_S, until ``workers_ended(timeout)`` says the
+    worker threads that start them have ended. One kill is not enough: a worker between two
+    steps starts its next child just after it (a pg_dump then waits on a lock, or copies a
+    whole database, while the interrupted process waits for it)."""
+    while True:
+        kill_all_children()
+        if workers_ended(STOP_POLL_S):
+            return
+
+
+def threads_ended(threads: Sequence[threading.Thread]) -> Callable[[float], bool]:
+    """For stop_children_until: whether every thread has ended, waiting at most ``timeout``."""
+
+    def ended(timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
+
+    return ended
+
+
+def futures_ended(futures: Iterable[Future[Any]]) -> Callable[[float], bool]:
+    """For stop_children_until: whether every future is done, waiting at most ``timeout``."""
+    pending = list(futures)
+    return lambda timeout: not wait(pending, timeout=timeout).not_done
+
+
 def run(
     name: str,
     argv: Sequence[str],
@@ -166,27 +201,41 @@ def run(
     timeout: float = 600,
     **kwargs: Any,
 ) -> str:
-    """Run to completion; returns stdout as text; raises BackupError with stderr's tail."""
+    """Run to completion; returns stdout as text; raises BackupError with stderr's tail.
+
+    The child is registered like a Proc's, so a failure or an interrupt elsewhere stops it
+    (subprocess.run's child, run from a worker thread, would be out of reach)."""
     try:
-        result = subprocess.run(
+        popen = subprocess.Popen(
             list(argv),
-            input=input_bytes,
-            capture_output=True,
+            stdin=subprocess.PIPE if input_bytes is not None else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=dict(env) if env is not None else None,
-            timeout=timeout,
-            check=False,
             **kwargs,
         )
     except FileNotFoundError as error:
         raise BackupError(
             f"cannot run {argv[0]} for {name}: not installed or not on PATH"
         ) from error
-    except subprocess.TimeoutExpired as error:
-        raise BackupError(f"{name} did not finish within {timeout:.0f}s") from error
-    if result.returncode != 0:
-        message = last_lines(result.stderr.decode(errors="replace"))
-        raise BackupError(f"{name} failed (exit {result.returncode}): {message}")
-    return result.stdout.decode(errors="replace")
+    with _live_lock:
+        _live.add(popen)
+    with popen:  # its exit closes the pipes and waits for the child
+        try:
+            stdout, stderr = popen.communicate(input_bytes, timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            popen.kill()
+            raise BackupError(f"{name} did not finish within {timeout:.0f}s") from error
+        except BaseException:
+            popen.kill()
+            raise
+        finally:
+            with _live_lock:
+                _live.discard(popen)
+    if popen.returncode != 0:
+        message = last_lines(stderr.decode(errors="replace"))
+        raise BackupError(f"{name} failed (exit {popen.returncode}): {message}")
+    return stdout.decode(errors="replace")
 
 
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from rag_backup import metrics, pitr
 from rag_backup.crypto import Cipher
-from rag_backup.errors import BackupError
+from rag_backup.errors import BackupError, Interrupted
 from rag_backup.ops import check_ciphertext, check_encryption_matches
-from rag_backup.procs import kill_all_children
+from rag_backup.procs import futures_ended, kill_all_children, stop_children_until
 from rag_backup.progress import Progress, log
 from rag_backup.store import BackupEntry
 from rag_backup.stores import (
@@ -98,15 +98,20 @@ def _run_parallel(tasks: list[Callable[[], None]]) -> None:
     errors: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, len(tasks))) as pool:
         futures = [pool.submit(task) for task in tasks]
-        for future in futures:
-            try:
-                future.result()
-            except BackupError as error:
-                errors.append(str(error))
-                kill_all_children()
-            except OSError as error:
-                errors.append(str(error))
-                kill_all_children()
+        try:
+            for future in futures:
+                try:
+                    future.result()
+                except Interrupted:
+                    raise
+                except (BackupError, OSError) as error:
+                    errors.append(str(error))
+                    stop_children_until(futures_ended(futures))
+        except BaseException:
+            # Each worker may start another child after a first kill: stop those too
+            # before the caller cleans up after them.
+            stop_children_until(futures_ended(futures))
+            raise
     if errors:
         raise BackupError("; ".join(errors))
 

@@ -108,6 +108,41 @@ def test_interrupted_backup_leaves_no_half_backup(stack: Stack, how: str) -> Non
     assert len(complete_backups(stack.backup_dir)) == 2
 
 
+def lock_waiting_row_counts(stack: Stack) -> int:
+    """How many sessions wait on the lock in a row count query (rag-backup's count(*))."""
+    out = stack.pg.psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE 'SELECT json_object_agg(t, n) FROM (%'",
+        database=DATABASE,
+    )
+    return int(out.strip())
+
+
+def test_sigterm_stops_a_step_that_started_after_the_others_blocked(stack: Stack) -> None:
+    """`docker stop` while the base backup's row count (a step of its own, started after
+    the snapshot's count) waits on a lock: every step stops, not only the first ones."""
+    with table_locked(stack):
+        proc = start_cli(["backup", "--pg-physical", "--no-pg-logical"], stack.env)
+        try:
+            # The snapshot's count and, once pg_basebackup has copied the cluster, the
+            # base backup's count both wait on the lock.
+            deadline = time.monotonic() + 60
+            while lock_waiting_row_counts(stack) < 2:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "the base backup's count never started"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+        assert proc.returncode == 1, stderr
+        assert "interrupted by signal SIGTERM" in stderr
+        assert list(stack.backup_dir.glob(".tmp-*")) == []
+    assert complete_backups(stack.backup_dir) == []
+
+
 def test_second_concurrent_backup_is_refused(stack: Stack) -> None:
     with table_locked(stack):
         proc = start_cli(["backup"], stack.env)
